@@ -5,8 +5,8 @@
 - ``ca.crt`` / ``ca.key``: a self-signed CA that signs the two leaves below and nothing else;
 - ``receiver.crt`` / ``receiver.key``: the receiver's server certificate, valid for the given
   host names and IP addresses (subjectAltName), extended key usage serverAuth only;
-- ``sender.crt`` / ``sender.key``: a client certificate (CN ``avd-sender``, clientAuth only)
-  for mutual TLS.
+- ``sender.crt`` / ``sender.key``: a client certificate (CN and DNS name ``avd-sender``,
+  clientAuth only) for mutual TLS.
 
 Keys are ECDSA P-256: small, fast to sign and accepted by every TLS 1.3 stack. Keys are
 created with mode 0600 before a byte of them is written, every file is written atomically
@@ -115,7 +115,10 @@ def init_certs(
     ca = _make_ca(valid)
     server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
     receiver = _make_leaf(ca, valid, RECEIVER_COMMON_NAME, server, alt_names)
-    sender = _make_leaf(ca, valid, SENDER_COMMON_NAME, client, [])
+    # The sender's name goes in a subjectAltName too: strict verifiers (RFC 5280 profiles,
+    # `cryptography`'s own) refuse a leaf without one.
+    sender_alt_names: list[x509.GeneralName] = [x509.DNSName(SENDER_COMMON_NAME)]
+    sender = _make_leaf(ca, valid, SENDER_COMMON_NAME, client, sender_alt_names)
     # Keys first, so a certificate never sits on disk without its key.
     for issued, key_path, cert_path in (
         (ca, paths.ca_key, paths.ca_cert),
@@ -241,9 +244,8 @@ def _make_leaf(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
         )
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     )
-    if alt_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     return _Issued(key, builder.sign(ca.key, hashes.SHA256()))
 
 
