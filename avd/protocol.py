@@ -225,13 +225,24 @@ def encode_hello(hello: Hello) -> bytes:
 
 def encode_media_parts(media: Media) -> tuple[bytes, bytes]:
     """Header and prefix as one small bytes, the payload untouched: no copy of a frame."""
-    prefix = MEDIA_PREFIX.pack(media.seq, media.capture_us, FLAG_LATE if media.late else 0)
+    try:
+        prefix = MEDIA_PREFIX.pack(media.seq, media.capture_us, FLAG_LATE if media.late else 0)
+    except struct.error as exc:
+        raise LocalProtocolError(f"media seq or capture time out of range: {exc}") from exc
     head = HEADER.pack(MAGIC, VERSION, MessageType.MEDIA, len(prefix) + len(media.data))
     return head + prefix, media.data
 
 
 def encode(event: Event) -> bytes:
     """The bytes of one message (for media, prefer ``encode_media_parts``)."""
+    try:
+        return _encode_message(event)
+    except (struct.error, ValueError) as exc:
+        # A field that does not fit its wire width is our bug, like any other local error.
+        raise LocalProtocolError(f"{type(event).__name__} field out of range: {exc}") from exc
+
+
+def _encode_message(event: Event) -> bytes:
     if isinstance(event, Hello):
         return encode_hello(event)
     if isinstance(event, Media):
@@ -248,7 +259,8 @@ def encode(event: Event) -> bytes:
     if isinstance(event, Ack):
         return _frame(MessageType.ACK, ACK_BODY.pack(event.seq))
     if isinstance(event, Goodbye):
-        text = event.text.encode("utf-8")[:255]
+        # Cut on a character boundary: the layout promises UTF-8, not a split code point.
+        text = event.text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")
         return _frame(MessageType.GOODBYE, bytes((int(event.reason), len(text))) + text)
     raise LocalProtocolError(f"{type(event).__name__} is not sent on the wire")
 
@@ -456,6 +468,8 @@ class Connection:
 
     def send(self, event: Event) -> bytes:
         """The bytes for ``event``, after checking it is ours to send now."""
+        if isinstance(event, Media):
+            return b"".join(self.send_media(event))  # the same payload limit as send_media
         self._check_send(event)
         data = encode(event)
         self._after_send(event)
