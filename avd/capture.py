@@ -1,0 +1,83 @@
+"""Runs one media source on its own thread, handing each frame to a non-blocking callback.
+
+Capture and JPEG encoding stay off the event loop. If the source cannot be opened the
+failure is logged once with the device's name and retried with capped backoff, so a
+camera plugged in late, or back after a fault, is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from avd.errors import DeviceError
+from avd.media.base import CapturedFrame, MediaSource
+
+log = logging.getLogger("avd.capture")
+
+OPEN_RETRY_FIRST_S = 1.0
+OPEN_RETRY_MAX_S = 10.0
+
+
+class CaptureThread:
+    def __init__(
+        self,
+        source: MediaSource,
+        deliver: Callable[[CapturedFrame], None],
+        finished: Callable[[], None],
+    ) -> None:
+        self.source = source
+        self.deliver = deliver  # must not block: it hands the frame to a drop-oldest queue
+        self.finished = finished
+        self.stopping = threading.Event()
+        self.opened = threading.Event()
+        self.error: str | None = None
+        label = source.kind.label
+        self._thread = threading.Thread(target=self._run, name=f"capture-{label}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.stopping.set()
+        self.source.stop()
+        self._thread.join(timeout)
+
+    def _open_until_stopped(self) -> bool:
+        delay = OPEN_RETRY_FIRST_S
+        while not self.stopping.is_set():
+            try:
+                self.source.open()
+            except DeviceError as exc:
+                if self.error != str(exc):
+                    self.error = str(exc)
+                    log.error("%s; retrying until it appears", exc)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, OPEN_RETRY_MAX_S)
+                continue
+            if self.error is not None:
+                log.info("%s is available again", self.source.description)
+            self.error = None
+            self.opened.set()
+            return True
+        return False
+
+    def _run(self) -> None:
+        if not self._open_until_stopped():
+            self.finished()
+            return
+        log.info("capturing %s", self.source.description)
+        try:
+            while not self.stopping.is_set():
+                frame = self.source.read()
+                if frame is None:
+                    break
+                self.deliver(frame)
+        except Exception:
+            log.exception("capture from %s failed", self.source.description)
+        finally:
+            self.source.close()
+            self.finished()
+            if not self.stopping.is_set():
+                log.info("%s ended; its stream stops", self.source.description)

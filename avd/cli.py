@@ -1,0 +1,301 @@
+"""Command lines: ``avd-receiver``, ``avd-sender`` and the admin tool ``avd``.
+
+Every entry point is ``main(argv) -> int``. Settings are built once here and passed down.
+Exit codes: 0 after a clean stop (SIGTERM or SIGINT), 78 (EX_CONFIG) for a bad setting,
+with one line naming the variable and no traceback, 1 for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from avd import __version__
+from avd.config import (
+    CommonSettings,
+    ReceiverSettings,
+    SenderSettings,
+    load_settings,
+    settings_help,
+)
+from avd.daemon import cancel_quietly, install_signal_handlers, keep_systemd_informed
+from avd.errors import AvdError, CertsExistError, ConfigError
+from avd.logs import LogEvent, log_event, setup_logging
+from avd.media.base import MediaSink
+from avd.media.fanout import FanoutSink
+from avd.metrics import ReceiverMetrics, SenderMetrics, serve
+from avd.systemd import Notifier
+
+EX_CONFIG = 78
+log = logging.getLogger("avd")
+
+
+def _daemon_parser(
+    prog: str, summary: str, settings: type[CommonSettings]
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=summary,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (environment variables, or KEY=value lines in --env-file; "
+        "the environment wins):\n" + settings_help(settings),
+    )
+    parser.add_argument("--env-file", type=Path, help="read AVD_* settings from this file")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _run_daemon(role: str, settings_cls: type[CommonSettings], env_file: Path | None) -> int:
+    try:
+        settings = load_settings(settings_cls, env_file)
+    except ConfigError as exc:
+        print(f"{role}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(role=role, log_format=settings.log_format, level=settings.log_level)
+    try:
+        if isinstance(settings, ReceiverSettings):
+            return asyncio.run(run_receiver(settings))
+        assert isinstance(settings, SenderSettings)
+        return asyncio.run(run_sender(settings))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 0
+
+
+def _serve_metrics(
+    settings: CommonSettings, registry: CollectorRegistry
+) -> tuple[Callable[[], None] | None, str]:
+    """Start the Prometheus endpoint if configured: (stop function, text for the log)."""
+    endpoint = settings.metrics_endpoint
+    if endpoint is None:
+        return None, ""
+    try:
+        stop, port = serve(registry, *endpoint)
+    except OSError as exc:
+        raise ConfigError(
+            f"AVD_METRICS_ADDR: cannot listen on {settings.metrics_addr}: {exc}"
+        ) from None
+    return stop, f" metrics=http://{endpoint[0]}:{port}/metrics"
+
+
+# ---- receiver ---------------------------------------------------------------------------
+
+
+def build_receiver_sinks(settings: ReceiverSettings) -> list[MediaSink]:
+    sinks: list[MediaSink] = []
+    if settings.record_dir is not None:
+        from avd.media.recorder import Recorder  # noqa: PLC0415 - PyAV loads slowly
+        from avd.media.retention import RetentionPolicy  # noqa: PLC0415
+
+        gb = 1024**3
+        policy = RetentionPolicy(
+            max_age_days=settings.retention_days,
+            max_total_bytes=int(settings.record_max_gb * gb) if settings.record_max_gb else None,
+            min_free_bytes=int(settings.min_free_gb * gb) if settings.min_free_gb else None,
+        )
+        sinks.append(
+            Recorder(
+                settings.record_dir, segment_seconds=settings.segment_seconds, retention=policy
+            )
+        )
+    if settings.playback != "none":
+        from avd.errors import DeviceError  # noqa: PLC0415
+        from avd.media.speaker import SpeakerSink  # noqa: PLC0415 - PyAudio loads slowly
+
+        try:
+            sinks.append(
+                SpeakerSink(
+                    settings.playback, settings.playback_sender, settings.playback_buffer_ms
+                )
+            )
+        except DeviceError as exc:
+            log.error("no playback: %s", exc)
+    return sinks
+
+
+async def run_receiver(settings: ReceiverSettings) -> int:
+    from avd.receiver import Receiver  # noqa: PLC0415 - keeps `--help` fast
+
+    metrics = ReceiverMetrics()
+    sink = FanoutSink(build_receiver_sinks(settings))
+    receiver = Receiver(settings, sink, metrics)
+    stop = asyncio.Event()
+    install_signal_handlers(stop, on_reload=receiver.reload_tokens)
+    notifier = Notifier.from_env()
+    listening = await receiver.start()
+    stop_metrics, metrics_where = _serve_metrics(settings, metrics.registry)
+    log_event(
+        log,
+        logging.INFO,
+        LogEvent.DAEMON_STARTED,
+        f"avd-receiver {__version__} listening on {settings.bind} "
+        f"video={listening.video_port} audio={listening.audio_port}{metrics_where}"
+        + (f" recording to {settings.record_dir}" if settings.record_dir else ""),
+        video_port=listening.video_port,
+        audio_port=listening.audio_port,
+    )
+    notifier.ready()
+    informer = asyncio.create_task(keep_systemd_informed(notifier, receiver.status_line))
+    await stop.wait()
+    notifier.stopping()
+    log_event(log, logging.INFO, LogEvent.DAEMON_STOPPING, "avd-receiver stopping")
+    await receiver.shutdown()
+    await cancel_quietly(informer)
+    await asyncio.to_thread(sink.close)
+    if stop_metrics is not None:
+        stop_metrics()
+    log.info("avd-receiver stopped")
+    return 0
+
+
+def receiver_main(argv: Sequence[str] | None = None) -> int:
+    parser = _daemon_parser(
+        "avd-receiver",
+        "Receive, authenticate, record and play avd streams.",
+        ReceiverSettings,
+    )
+    args = parser.parse_args(argv)
+    return _run_daemon("avd-receiver", ReceiverSettings, args.env_file)
+
+
+# ---- sender -----------------------------------------------------------------------------
+
+
+async def run_sender(settings: SenderSettings) -> int:
+    from avd.sender import Sender, describe  # noqa: PLC0415
+
+    metrics = SenderMetrics()
+    sender = Sender(settings, metrics)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    notifier = Notifier.from_env()
+    stop_metrics, metrics_where = _serve_metrics(settings, metrics.registry)
+    log_event(
+        log,
+        logging.INFO,
+        LogEvent.DAEMON_STARTED,
+        f"avd-sender {__version__}: {describe(settings)}{metrics_where}",
+    )
+    streaming = asyncio.create_task(sender.run(stop))
+    # READY once the sources are open (or have failed once and are being retried).
+    while not sender.all_open() and not streaming.done() and not stop.is_set():
+        if any(c.error for c in sender.captures):
+            break
+        await asyncio.sleep(0.05)
+    notifier.ready()
+    informer = asyncio.create_task(keep_systemd_informed(notifier, sender.status_line))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({streaming, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        notifier.stopping()
+        log_event(log, logging.INFO, LogEvent.DAEMON_STOPPING, "avd-sender stopping")
+    else:
+        log.info("all sources have ended")
+    stop.set()
+    try:
+        await asyncio.wait_for(streaming, timeout=4.0)
+    except TimeoutError:
+        log.warning("streams did not stop within 4 s")
+    await cancel_quietly(informer, stopper)
+    if stop_metrics is not None:
+        stop_metrics()
+    log.info("avd-sender stopped")
+    return 0
+
+
+def sender_main(argv: Sequence[str] | None = None) -> int:
+    parser = _daemon_parser(
+        "avd-sender",
+        "Capture a camera and a microphone and stream them to an avd receiver.",
+        SenderSettings,
+    )
+    args = parser.parse_args(argv)
+    return _run_daemon("avd-sender", SenderSettings, args.env_file)
+
+
+# ---- admin tool -------------------------------------------------------------------------
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from avd.certs import default_hosts, format_init_report, init_certs  # noqa: PLC0415
+
+    hosts = (
+        [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else default_hosts()
+    )
+    try:
+        paths = init_certs(Path(args.dir), hosts, days=args.days, force=args.force)
+    except CertsExistError as exc:
+        print(f"avd certs init: {exc} (use --force to replace them)", file=sys.stderr)
+        return 1
+    print(format_init_report(paths))
+    return 0
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    from avd.tokens import add_token, new_token, validate_sender_id  # noqa: PLC0415
+
+    try:
+        sender_id = validate_sender_id(args.sender_id)
+    except ValueError as exc:
+        print(f"avd token new: --sender-id: {exc}", file=sys.stderr)
+        return 2
+    token = new_token()
+    if args.tokens_file:
+        add_token(Path(args.tokens_file), sender_id, token)
+        print(f"added the hash of {sender_id}'s token to {args.tokens_file}", file=sys.stderr)
+    print(
+        "give this token to the sender (AVD_TOKEN_FILE or a 'token' credential):", file=sys.stderr
+    )
+    print(token)
+    return 0
+
+
+def admin_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avd", description="avd admin tool.")
+    parser.add_argument("--version", action="version", version=f"avd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    certs = sub.add_parser("certs", help="certificates").add_subparsers(
+        dest="action", required=True
+    )
+    init = certs.add_parser("init", help="make a CA, a receiver and a sender certificate")
+    init.add_argument("--dir", default="certs", help="output folder (default: certs)")
+    init.add_argument(
+        "--hosts", help="receiver names/addresses, comma-separated (default: this host)"
+    )
+    init.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    init.set_defaults(func=_certs_init)
+
+    token = sub.add_parser("token", help="sender tokens").add_subparsers(
+        dest="action", required=True
+    )
+    new = token.add_parser("new", help="make a token; print it; add its hash to the tokens file")
+    new.add_argument("--sender-id", required=True, help="the sender this token is for")
+    new.add_argument("--tokens-file", help="the receiver's tokens file to add the hash to")
+    new.set_defaults(func=_token_new)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = admin_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"avd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except AvdError as exc:
+        print(f"avd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Settings for the sender and the receiver (pydantic-settings, prefix ``AVD_``).
+
+Each daemon builds its settings object once, in ``main``, from the environment and an
+optional ``--env-file`` (the same ``KEY=value`` format systemd's ``EnvironmentFile=``
+reads), and passes it down. There is no module-level instance. A bad value becomes a
+``ConfigError`` whose one line names the variable; the CLI exits 78 (EX_CONFIG) with it.
+``config.example.env`` documents every variable; a test keeps it in step with this file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from avd.errors import ConfigError
+from avd.media.base import AudioFormat, VideoFormat
+from avd.protocol import SENDER_ID_RE
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+LogFormat = Literal["auto", "journal", "text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+TlsMinVersion = Literal["1.3", "1.2"]
+
+
+def parse_host_port(value: str, variable: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as a pair; ConfigError naming ``variable`` if malformed."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{variable}: expected host:port, got {value!r}")
+    return host, int(port)
+
+
+class CommonSettings(BaseSettings):
+    """Settings both daemons share."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AVD_", extra="ignore", case_sensitive=False, validate_default=True
+    )
+
+    video_port: Port = Field(5000, description="TCP port of the video stream")
+    audio_port: Port = Field(5001, description="TCP port of the audio stream")
+    tls_min_version: TlsMinVersion = Field(
+        "1.3", description="lowest TLS version accepted; 1.2 only if set explicitly"
+    )
+    handshake_timeout_s: PositiveSeconds = Field(
+        5.0, description="TLS handshake plus hello must complete within this many seconds"
+    )
+    heartbeat_s: PositiveSeconds = Field(
+        1.0, description="heartbeat interval; a peer silent for 3 intervals is dropped"
+    )
+    metrics_addr: str | None = Field(
+        None, description="host:port of the Prometheus endpoint; unset = no endpoint"
+    )
+    log_format: LogFormat = Field("auto", description="auto, journal, text or json")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                parse_host_port(value, "AVD_METRICS_ADDR")
+            except ConfigError as exc:
+                raise ValueError("expected host:port, for example 127.0.0.1:9400") from exc
+        return value or None
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        if not self.metrics_addr:
+            return None
+        return parse_host_port(self.metrics_addr, "AVD_METRICS_ADDR")
+
+    @property
+    def allow_tls12(self) -> bool:
+        return self.tls_min_version == "1.2"
+
+
+class ReceiverSettings(CommonSettings):
+    """``avd-receiver``: listens, authenticates senders, records and plays."""
+
+    bind: str = Field("0.0.0.0", description="address to listen on (:: for IPv6)")  # noqa: S104
+    tls_cert: Path = Field(description="the receiver's certificate (PEM)")
+    tls_key: Path = Field(description="the receiver's private key (PEM, mode 0600)")
+    tls_client_ca: Path | None = Field(
+        None, description="when set, senders must present a client certificate signed by it"
+    )
+    tokens_file: Path = Field(description="sender ids and token hashes, one per line")
+    record_dir: Path | None = Field(None, description="where recordings go; unset = none")
+    segment_seconds: Annotated[float, Field(ge=1, le=3600)] = Field(
+        60.0, description="length of one recording segment"
+    )
+    retention_days: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="delete segments older than this many days"
+    )
+    record_max_gb: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="keep the recordings folder under this many GB"
+    )
+    min_free_gb: Annotated[float, Field(ge=0)] | None = Field(
+        1.0, description="keep at least this many GB free on the recordings file system"
+    )
+    playback: str = Field(
+        "none", description="speaker: none, default, or a device index or name substring"
+    )
+    playback_sender: str | None = Field(
+        None, description="which sender is heard; default: the first connected"
+    )
+    playback_buffer_ms: Annotated[int, Field(ge=10, le=2000)] = Field(
+        60, description="jitter buffer depth of the speaker"
+    )
+    idle_timeout_s: PositiveSeconds = Field(
+        10.0, description="close a session that sent nothing at all for this long"
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        1024, description="concurrent connections in total, both ports together"
+    )
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = Field(
+        64, description="concurrent connections from one source address"
+    )
+    max_video_frame_kb: Annotated[int, Field(ge=16, le=65536)] = Field(
+        8192, description="largest JPEG frame accepted, in KiB"
+    )
+    max_audio_chunk_kb: Annotated[int, Field(ge=1, le=1024)] = Field(
+        256, description="largest audio chunk accepted, in KiB"
+    )
+
+    @field_validator("tls_cert", "tls_key", "tokens_file")
+    @classmethod
+    def _must_exist(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tls_client_ca")
+    @classmethod
+    def _optional_must_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+
+def _default_sender_id() -> str:
+    """The host name, trimmed to what a sender id may hold."""
+    name = socket.gethostname().split(".")[0]
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:64]
+    return cleaned if SENDER_ID_RE.fullmatch(cleaned) else "sender"
+
+
+class SenderSettings(CommonSettings):
+    """``avd-sender``: captures and streams to one receiver."""
+
+    receiver_host: str = Field(description="host name or address of the receiver")
+    tls_ca: Path = Field(description="CA certificate that signed the receiver's certificate")
+    tls_server_name: str | None = Field(
+        None, description="name to verify in the receiver's certificate (default: host)"
+    )
+    tls_cert: Path | None = Field(None, description="client certificate, for mutual TLS")
+    tls_key: Path | None = Field(None, description="client private key, for mutual TLS")
+    sender_id: str = Field(default_factory=_default_sender_id, description="default: host name")
+    token_file: Path | None = Field(None, description="file holding this sender's token")
+    token: SecretStr | None = Field(
+        None, description="the token itself (prefer AVD_TOKEN_FILE or a credential)"
+    )
+    video_source: str = Field(
+        "0", description="test, a camera index, a device path, a file or URL, or none"
+    )
+    video_loop: bool = Field(False, description="loop a video file source at its end")
+    audio_source: str = Field(
+        "mic", description="test, mic, mic:<index or name>, a .wav file, or none"
+    )
+    audio_loop: bool = Field(False, description="loop a WAV file source at its end")
+    width: Annotated[int, Field(ge=16, le=7680)] = Field(640, description="video width")
+    height: Annotated[int, Field(ge=16, le=4320)] = Field(480, description="video height")
+    fps: Annotated[int, Field(ge=1, le=120)] = Field(20, description="video frames per second")
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(70, description="JPEG quality")
+    audio_rate: Annotated[int, Field(ge=8000, le=192000)] = Field(44100, description="Hz")
+    audio_channels: Annotated[int, Field(ge=1, le=8)] = Field(1, description="1 mono, 2 stereo")
+    audio_chunk: Annotated[int, Field(ge=64, le=8192)] = Field(
+        1024, description="frames per audio chunk"
+    )
+    reconnect_max_s: Annotated[float, Field(ge=0.5, le=3600)] = Field(
+        10.0, description="longest wait between reconnection attempts"
+    )
+    video_queue_frames: Annotated[int, Field(ge=1, le=1000)] = Field(
+        4, description="frames held while the network is slow; the oldest is dropped"
+    )
+    audio_queue_ms: Annotated[int, Field(ge=50, le=60_000)] = Field(
+        1000, description="audio held while the network is slow; the oldest is dropped"
+    )
+
+    @field_validator("sender_id")
+    @classmethod
+    def _valid_sender_id(cls, value: str) -> str:
+        if not SENDER_ID_RE.fullmatch(value):
+            raise ValueError("1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+        return value
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _ca_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @property
+    def video_format(self) -> VideoFormat:
+        return VideoFormat(self.width, self.height, self.fps, self.jpeg_quality)
+
+    @property
+    def audio_format(self) -> AudioFormat:
+        return AudioFormat(self.audio_rate, self.audio_channels, 2, self.audio_chunk)
+
+    @property
+    def server_name(self) -> str:
+        return self.tls_server_name or self.receiver_host
+
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+# Values of these variables never appear in an error message.
+_SECRET_FIELDS = frozenset({"token"})
+
+
+def _describe(error: Any) -> str:
+    """One line for one pydantic error: ``AVD_FPS: Input should be ... (got 'abc')``."""
+    field = str(error["loc"][0]) if error.get("loc") else "?"
+    variable = f"AVD_{field.upper()}"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        return f"{variable}: required but not set"
+    if field in _SECRET_FIELDS:
+        return f"{variable}: {message}"
+    return f"{variable}: {message} (got {error.get('input')!r})"
+
+
+def load_settings(cls: type[SettingsT], env_file: Path | None = None) -> SettingsT:
+    """Build settings from the environment (winning) and ``env_file``; ConfigError if bad."""
+    if env_file is not None and not env_file.is_file():
+        raise ConfigError(f"--env-file: no such file: {env_file}")
+    try:
+        return cls(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ConfigError("; ".join(lines)) from None
+
+
+def settings_help(cls: type[CommonSettings]) -> str:
+    """Lines for ``--help``: every variable with its default and description."""
+    lines = []
+    for name, info in cls.model_fields.items():
+        default = "required" if info.is_required() else f"default: {_show_default(info)}"
+        lines.append(f"  AVD_{name.upper():<22} {info.description or ''} ({default})")
+    return "\n".join(lines)
+
+
+def _show_default(info: Any) -> str:
+    if info.default_factory is not None:
+        return "computed"
+    return "unset" if info.default is None else str(info.default)
+
+
+def credentials_directory() -> str | None:
+    """systemd's ``$CREDENTIALS_DIRECTORY`` (LoadCredential=), if the daemon runs under it."""
+    return os.environ.get("CREDENTIALS_DIRECTORY") or None

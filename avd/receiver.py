@@ -1,0 +1,231 @@
+"""The receiver daemon: listens on the video and audio ports, one session per connection.
+
+Connections are admitted against the total and per-address limits before any TLS work, then
+complete the TLS handshake and the hello within ``AVD_HANDSHAKE_TIMEOUT_S``. Sessions are
+kept by (sender id, stream): a reconnecting sender replaces its old session. SIGHUP reloads
+the tokens file and closes the sessions of removed or changed tokens. Shutdown says goodbye
+to every peer and waits for the sessions to end, within a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import Counter as Tally
+from dataclasses import dataclass
+
+from avd import protocol
+from avd.clock import monotonic_us
+from avd.config import ReceiverSettings
+from avd.errors import ConfigError
+from avd.logs import CloseReason, connection_closed
+from avd.media.base import MediaSink, StreamKind
+from avd.metrics import ReceiverMetrics
+from avd.session import Session, SessionContext
+from avd.tls import describe_tls, receiver_context
+from avd.tokens import TokenStore, removed_or_changed
+
+log = logging.getLogger("avd.receiver")
+
+
+def format_peer(peername: object) -> str:
+    """``ip:port`` for IPv4, ``[ip]:port`` for IPv6, from asyncio's peername."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = str(peername[0]), peername[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peername)
+
+
+@dataclass
+class Listening:
+    video_port: int
+    audio_port: int
+
+
+class Receiver:
+    def __init__(
+        self, settings: ReceiverSettings, sink: MediaSink, metrics: ReceiverMetrics
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.metrics = metrics
+        self.ssl_context: ssl.SSLContext = receiver_context(
+            cert=settings.tls_cert,
+            key=settings.tls_key,
+            client_ca=settings.tls_client_ca,
+            allow_tls12=settings.allow_tls12,
+        )
+        self._tokens = TokenStore.load(settings.tokens_file)
+        self.limits = protocol.Limits(
+            max_video_payload=settings.max_video_frame_kb * 1024,
+            max_audio_payload=settings.max_audio_chunk_kb * 1024,
+        )
+        self.sessions: dict[tuple[str, StreamKind], Session] = {}
+        self._per_ip: Tally[str] = Tally()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self.ctx = SessionContext(
+            tokens=lambda: self._tokens,
+            metrics=metrics,
+            sink=sink,
+            limits=self.limits,
+            heartbeat_s=settings.heartbeat_s,
+            idle_timeout_s=settings.idle_timeout_s,
+            register=self._register,
+            unregister=self._unregister,
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> Listening:
+        """Bind both ports (0 picks a free one) and start accepting."""
+        ports = []
+        for kind, port in (
+            (StreamKind.VIDEO, self.settings.video_port),
+            (StreamKind.AUDIO, self.settings.audio_port),
+        ):
+            server = await asyncio.start_server(
+                lambda r, w, k=kind: self._spawn(k, r, w),  # type: ignore[misc]
+                host=self.settings.bind,
+                port=port,
+                reuse_address=True,
+                limit=2**20,
+            )
+            self._servers.append(server)
+            ports.append(server.sockets[0].getsockname()[1])
+        return Listening(video_port=ports[0], audio_port=ports[1])
+
+    async def shutdown(self, deadline_s: float = 4.0) -> None:
+        """Stop accepting, say goodbye to every session, wait for them, then cancel."""
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions.values()):
+            session.close(CloseReason.SHUTDOWN)
+        pending = set(self._handlers)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=deadline_s)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+
+    def reload_tokens(self) -> None:
+        """Re-read the tokens file (SIGHUP); close sessions whose token went away."""
+        try:
+            fresh = TokenStore.load(self.settings.tokens_file)
+        except ConfigError as exc:
+            log.error("tokens file not reloaded, keeping the previous one: %s", exc)
+            return
+        revoked = removed_or_changed(self._tokens, fresh)
+        self._tokens = fresh
+        log.info("tokens reloaded: %d senders, %d revoked", len(fresh), len(revoked))
+        for (sender_id, _), session in list(self.sessions.items()):
+            if sender_id in revoked:
+                session.close(CloseReason.TOKEN_REVOKED)
+
+    def status_line(self) -> str:
+        senders = sorted({sender for sender, _ in self.sessions})
+        if not senders:
+            return "listening, no senders connected"
+        return f"{len(senders)} sender(s): {', '.join(senders[:8])}"
+
+    # ---- connections -------------------------------------------------------------------
+
+    def _register(self, session: Session) -> None:
+        assert session.info is not None
+        key = (session.info.sender_id, session.info.kind)
+        old = self.sessions.get(key)
+        self.sessions[key] = session
+        if old is not None and old is not session:
+            log.info("%s reconnected: replacing its previous %s session", key[0], key[1].label)
+            old.close(CloseReason.REPLACED)
+
+    def _unregister(self, session: Session) -> None:
+        assert session.info is not None
+        key = (session.info.sender_id, session.info.kind)
+        if self.sessions.get(key) is session:
+            del self.sessions[key]
+
+    def _spawn(
+        self, kind: StreamKind, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(kind, reader, writer))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def _admit(self, ip: str) -> bool:
+        s = self.settings
+        if len(self._handlers) > s.max_connections:
+            return False
+        return self._per_ip[ip] < s.max_connections_per_ip
+
+    async def _handle(
+        self, kind: StreamKind, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = format_peer(peername)
+        ip = str(peername[0]) if isinstance(peername, tuple) else peer
+        if not self._admit(ip):
+            self.metrics.handshake_failures.labels(reason="too-many-connections").inc()
+            log.warning("refused connection from %s: too many connections", peer)
+            writer.transport.abort()
+            return
+        self._per_ip[ip] += 1
+        try:
+            await self._handle_admitted(kind, reader, writer, peer)
+        except Exception:
+            log.exception("unexpected error in the session of %s", peer)
+            writer.transport.abort()
+        finally:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    async def _handle_admitted(
+        self,
+        kind: StreamKind,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+    ) -> None:
+        timeout = self.settings.handshake_timeout_s
+        started = monotonic_us()
+        try:
+            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=timeout)
+        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
+            self._tls_failed(kind, peer, started, exc)
+            return
+        version, cipher = describe_tls(writer.get_extra_info("ssl_object"))
+        session = Session(
+            self.ctx,
+            reader,
+            writer,
+            peer=peer,
+            port_kind=kind,
+            tls_version=version,
+            tls_cipher=cipher,
+        )
+        await session.run(timeout - (monotonic_us() - started) / 1e6)
+
+    def _tls_failed(self, kind: StreamKind, peer: str, started_us: int, exc: BaseException) -> None:
+        reason = "tls-timeout" if isinstance(exc, TimeoutError) else "tls-error"
+        self.metrics.handshake_failures.labels(reason=reason).inc()
+        detail = getattr(exc, "reason", None) or type(exc).__name__
+        log.info("TLS handshake with %s failed: %s", peer, detail)
+        connection_closed(
+            log,
+            peer=peer,
+            sender_id="-",
+            stream=kind.label,
+            duration_s=(monotonic_us() - started_us) / 1e6,
+            frames_in=0,
+            frames_out=0,
+            bytes_in=0,
+            bytes_out=0,
+            reason=CloseReason.TIMEOUT if reason == "tls-timeout" else CloseReason.TLS_ERROR,
+        )

@@ -1,0 +1,155 @@
+"""The sender daemon: sources on their threads, one reconnecting client per stream.
+
+Built once from ``SenderSettings``: the TLS context, the token (from a file, a systemd
+credential or the environment), the sources, and a drop-oldest queue per stream sized
+from the settings. ``run`` streams until ``stop`` is set, then says goodbye, stops the
+capture threads and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from avd.backoff import Backoff
+from avd.capture import CaptureThread
+from avd.config import SenderSettings, credentials_directory
+from avd.errors import ConfigError
+from avd.media.base import CapturedFrame, MediaSource, StreamKind
+from avd.metrics import SenderMetrics
+from avd.queues import DropOldestQueue
+from avd.stream_client import Endpoint, StreamClient
+from avd.tls import sender_context
+from avd.tokens import Token, read_sender_token
+
+log = logging.getLogger("avd.sender")
+
+
+def load_token(settings: SenderSettings) -> Token:
+    return read_sender_token(
+        token_file=settings.token_file,
+        credentials_directory=credentials_directory(),
+        token_env=settings.token.get_secret_value() if settings.token else None,
+    )
+
+
+def build_sources(settings: SenderSettings) -> list[MediaSource]:
+    """The configured sources; ConfigError naming the variable if a spec is unusable."""
+    from avd.media.video import open_video_source  # noqa: PLC0415 - cv2 loads slowly
+
+    sources: list[MediaSource] = []
+    try:
+        video = open_video_source(settings.video_source, settings.video_format, settings.video_loop)
+    except ValueError as exc:
+        raise ConfigError(f"AVD_VIDEO_SOURCE: {exc}") from None
+    if video is not None:
+        sources.append(video)
+    spec = settings.audio_source
+    try:
+        if spec == "mic" or spec.startswith("mic:"):
+            from avd.media.mic import open_mic_source  # noqa: PLC0415 - PyAudio loads slowly
+
+            audio: MediaSource | None = open_mic_source(spec, settings.audio_format)
+        else:
+            from avd.media.tone import open_file_audio_source  # noqa: PLC0415
+
+            audio = open_file_audio_source(spec, settings.audio_format, settings.audio_loop)
+    except ValueError as exc:
+        raise ConfigError(f"AVD_AUDIO_SOURCE: {exc}") from None
+    if audio is not None:
+        sources.append(audio)
+    if not sources:
+        raise ConfigError("AVD_VIDEO_SOURCE and AVD_AUDIO_SOURCE are both none: nothing to send")
+    return sources
+
+
+class Sender:
+    def __init__(self, settings: SenderSettings, metrics: SenderMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or SenderMetrics()
+        self.token = load_token(settings)
+        self.ssl_context = sender_context(
+            ca=settings.tls_ca,
+            cert=settings.tls_cert,
+            key=settings.tls_key,
+            allow_tls12=settings.allow_tls12,
+        )
+        self.sources = build_sources(settings)
+        self.clients: list[StreamClient] = []
+        self.captures: list[CaptureThread] = []
+
+    def _queue_capacity(self, kind: StreamKind) -> int:
+        s = self.settings
+        if kind is StreamKind.VIDEO:
+            return s.video_queue_frames
+        return max(1, s.audio_queue_ms * 1000 // s.audio_format.chunk_duration_us)
+
+    def _port(self, kind: StreamKind) -> int:
+        s = self.settings
+        return s.video_port if kind is StreamKind.VIDEO else s.audio_port
+
+    def _wire(self, loop: asyncio.AbstractEventLoop, source: MediaSource) -> None:
+        s = self.settings
+        queue: DropOldestQueue[tuple[int, CapturedFrame]] = DropOldestQueue(
+            self._queue_capacity(source.kind), loop
+        )
+        label = source.kind.label
+        captured = self.metrics.frames_captured.labels(stream=label)
+        dropped = self.metrics.frames_dropped.labels(stream=label)
+        seqs = itertools.count()
+
+        def deliver(frame: CapturedFrame) -> None:
+            # Numbered at capture, so frames dropped here show as gaps at the receiver.
+            captured.inc()
+            dropped.inc(queue.put((next(seqs), frame)))
+
+        self.captures.append(CaptureThread(source, deliver, queue.close))
+        endpoint = Endpoint(
+            host=s.receiver_host,
+            port=self._port(source.kind),
+            server_name=s.server_name,
+            ssl_context=self.ssl_context,
+            handshake_timeout_s=s.handshake_timeout_s,
+        )
+        self.clients.append(
+            StreamClient(
+                kind=source.kind,
+                endpoint=endpoint,
+                sender_id=s.sender_id,
+                token=self.token,
+                media_format=source.format,
+                queue=queue,
+                metrics=self.metrics,
+                backoff=Backoff(first_s=0.5, cap_s=s.reconnect_max_s),
+            )
+        )
+
+    def status_line(self) -> str:
+        parts = [f"{c.label}: {c.state}" for c in self.clients]
+        errors = [c.error for c in self.captures if c.error]
+        return "; ".join(parts + errors)
+
+    def all_open(self) -> bool:
+        return all(c.opened.is_set() for c in self.captures)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        for source in self.sources:
+            self._wire(loop, source)
+        for capture in self.captures:
+            capture.start()
+        try:
+            await asyncio.gather(*(client.run(stop) for client in self.clients))
+        finally:
+            for capture in self.captures:
+                await asyncio.to_thread(capture.stop)
+
+
+def describe(settings: SenderSettings) -> str:
+    where = f"{settings.receiver_host}:{settings.video_port}/{settings.audio_port}"
+    return (
+        f"sender {settings.sender_id} -> {where}, video={settings.video_source} "
+        f"{settings.width}x{settings.height}@{settings.fps} q{settings.jpeg_quality}, "
+        f"audio={settings.audio_source} {settings.audio_rate} Hz"
+    )

@@ -1,0 +1,367 @@
+"""The receiver's side of one connection: hello, authentication, then media until the end.
+
+A session is one TLS connection carrying one stream (video or audio) of one sender. It
+reads the hello within the handshake deadline, checks the token (the peer only ever learns
+"refused"), then validates each media frame cheaply, measures latency against the clock
+offset that heartbeats estimate, and hands frames to the sinks. It ends on a goodbye, the
+peer closing, silence past the idle timeout, a protocol error, or ``close()`` from the
+receiver (shutdown, a replacing session, a revoked token); the reason is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from avd import protocol
+from avd.clock import ClockSync, monotonic_us
+from avd.errors import BadFrame, RemoteProtocolError
+from avd.logs import CloseReason, auth_failed, connection_closed, connection_opened
+from avd.media.base import (
+    AudioFormat,
+    MediaSink,
+    ReceivedFrame,
+    StreamInfo,
+    StreamKind,
+    VideoFormat,
+)
+from avd.media.jpeg import check_video_frame
+from avd.metrics import ReceiverMetrics
+from avd.protocol import GoodbyeReason, Hello, Role
+from avd.tokens import TokenStore
+
+log = logging.getLogger("avd.receiver")
+
+READ_SIZE = 256 * 1024
+# A peer that does not read its heartbeats and goodbyes must not make us buffer for it.
+MAX_WRITE_BUFFER = 1024 * 1024
+
+_session_ids = itertools.count(1)
+
+GOODBYE_TO_CLOSE: dict[int, CloseReason] = {
+    GoodbyeReason.BYE: CloseReason.BYE,
+    GoodbyeReason.SHUTDOWN: CloseReason.BYE,
+    GoodbyeReason.TIMEOUT: CloseReason.TIMEOUT,
+    GoodbyeReason.PROTOCOL_ERROR: CloseReason.PROTOCOL_ERROR,
+}
+CLOSE_TO_GOODBYE = {
+    CloseReason.SHUTDOWN: GoodbyeReason.SHUTDOWN,
+    CloseReason.REPLACED: GoodbyeReason.REPLACED,
+    CloseReason.TOKEN_REVOKED: GoodbyeReason.REVOKED,
+    CloseReason.TIMEOUT: GoodbyeReason.TIMEOUT,
+    CloseReason.PROTOCOL_ERROR: GoodbyeReason.PROTOCOL_ERROR,
+}
+
+
+@dataclass
+class SessionContext:
+    """What every session of one receiver shares, built once by the receiver."""
+
+    tokens: Callable[[], TokenStore]
+    metrics: ReceiverMetrics
+    sink: MediaSink
+    limits: protocol.Limits
+    heartbeat_s: float
+    idle_timeout_s: float
+    register: Callable[[Session], None]
+    unregister: Callable[[Session], None]
+
+
+@dataclass
+class Counters:
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejected: int = 0
+    lost: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def format_problem(hello: Hello) -> str | None:
+    """Why a hello's media format cannot be served, or None if it can."""
+    fmt = hello.format
+    if isinstance(fmt, VideoFormat):
+        if not (16 <= fmt.width <= 7680 and 16 <= fmt.height <= 4320):
+            return "video size out of range"
+        if not (1 <= fmt.fps <= 120 and 1 <= fmt.quality <= 100):
+            return "video rate or quality out of range"
+    elif isinstance(fmt, AudioFormat):
+        if not (8000 <= fmt.rate <= 192_000 and 1 <= fmt.channels <= 8):
+            return "audio rate or channels out of range"
+        if fmt.sample_width != 2 or not 1 <= fmt.chunk <= 8192:
+            return "audio sample width or chunk out of range"
+    return None
+
+
+class Session:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        peer: str,
+        port_kind: StreamKind,
+        tls_version: str,
+        tls_cipher: str,
+    ) -> None:
+        self.ctx = ctx
+        self.reader, self.writer = reader, writer
+        self.peer, self.port_kind = peer, port_kind
+        self.tls_version, self.tls_cipher = tls_version, tls_cipher
+        self.session_id = next(_session_ids)
+        self.conn = protocol.Connection(Role.RECEIVER, ctx.limits)
+        self.counters = Counters()
+        self.clock = ClockSync()
+        self.info: StreamInfo | None = None
+        self.started_us = monotonic_us()
+        self.last_rx_us = self.started_us
+        self._close_reason: CloseReason | None = None
+        self._next_seq = 0
+        self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
+        self._last_hb_sent_us = 0
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.info.sender_id if self.info else None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, hello_deadline_s: float) -> CloseReason:
+        reason = CloseReason.ERROR
+        try:
+            hello = await asyncio.wait_for(self._read_hello(), timeout=max(hello_deadline_s, 0))
+            if hello is None:
+                reason = CloseReason.PEER_CLOSED
+            elif not self._authenticate(hello):
+                reason = CloseReason.AUTH_FAILED
+            else:
+                reason = await self._serve()
+        except TimeoutError:
+            reason = CloseReason.TIMEOUT
+            self.ctx.metrics.handshake_failures.labels(reason="hello-timeout").inc()
+        except RemoteProtocolError as exc:
+            reason = CloseReason.PROTOCOL_ERROR
+            log.warning("protocol error from %s (%s): %s", self.peer, self.sender_id or "-", exc)
+            self._send_goodbye(GoodbyeReason.PROTOCOL_ERROR, "protocol error")
+            if self.info is None:
+                self.ctx.metrics.handshake_failures.labels(reason="protocol-error").inc()
+        except (ConnectionError, ssl.SSLError, OSError):
+            reason = self._close_reason or CloseReason.PEER_CLOSED
+        finally:
+            await self._finish(reason)
+        return reason
+
+    def close(self, reason: CloseReason) -> None:
+        """End the session from outside (shutdown, replaced, revoked); idempotent."""
+        if self._close_reason is not None:
+            return
+        self._close_reason = reason
+        self._send_goodbye(CLOSE_TO_GOODBYE.get(reason, GoodbyeReason.BYE), reason.value)
+        self.writer.close()
+
+    async def _finish(self, reason: CloseReason) -> None:
+        reason = self._close_reason or reason
+        if self.info is not None:
+            self.ctx.unregister(self)
+            self.ctx.sink.stream_ended(self.info)
+            self.ctx.metrics.connections_active.labels(stream=self.info.kind.label).dec()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
+        c = self.counters
+        connection_closed(
+            log,
+            peer=self.peer,
+            sender_id=self.sender_id or "-",
+            stream=self.port_kind.label,
+            duration_s=(monotonic_us() - self.started_us) / 1e6,
+            frames_in=c.frames_in,
+            frames_out=c.frames_out,
+            bytes_in=self.conn.bytes_in,
+            bytes_out=c.bytes_out,
+            reason=reason,
+        )
+
+    # ---- handshake ---------------------------------------------------------------------
+
+    async def _read_hello(self) -> Hello | None:
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, Hello):
+                return event
+            if isinstance(event, protocol.ConnectionClosed):
+                return None
+            data = await self.reader.read(4096)
+            self.conn.receive_data(data)
+
+    def _authenticate(self, hello: Hello) -> bool:
+        # The token check runs first and always, so every refusal costs the same.
+        token_ok = self.ctx.tokens().verify(hello.sender_id, hello.token)
+        problem = None if token_ok else "bad token"
+        if problem is None and hello.kind is not self.port_kind:
+            problem = f"{hello.kind.label} stream on the {self.port_kind.label} port"
+        if problem is None:
+            problem = format_problem(hello)
+        if problem is None:
+            self._accept(hello)
+            return True
+        self._write(self.conn.send(protocol.Refused()))
+        if token_ok:
+            log.warning("refused %s from %s: %s", hello.sender_id, self.peer, problem)
+            self.ctx.metrics.handshake_failures.labels(reason="bad-hello").inc()
+        else:
+            auth_failed(
+                log, peer=self.peer, claimed_sender_id=hello.sender_id, stream=hello.kind.label
+            )
+            self.ctx.metrics.auth_failures.inc()
+        return False
+
+    def _accept(self, hello: Hello) -> None:
+        self.info = StreamInfo(
+            sender_id=hello.sender_id,
+            kind=hello.kind,
+            format=hello.format,
+            peer=self.peer,
+            session_id=self.session_id,
+        )
+        max_payload = self.ctx.limits.media_payload(hello.kind)
+        welcome = protocol.Welcome(self.session_id, int(self.ctx.heartbeat_s * 1000), max_payload)
+        self._write(self.conn.send(welcome))
+        self.ctx.register(self)
+        self.ctx.metrics.connections_active.labels(stream=hello.kind.label).inc()
+        self.ctx.sink.stream_started(self.info)
+        connection_opened(
+            log,
+            peer=self.peer,
+            sender_id=hello.sender_id,
+            stream=hello.kind.label,
+            tls_version=self.tls_version,
+            tls_cipher=self.tls_cipher,
+        )
+
+    # ---- streaming ---------------------------------------------------------------------
+
+    async def _serve(self) -> CloseReason:
+        ticker = asyncio.create_task(self._tick())
+        try:
+            return await self._read_loop()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+
+    async def _read_loop(self) -> CloseReason:
+        while True:
+            data = await self.reader.read(READ_SIZE)
+            if self._close_reason is not None:
+                return self._close_reason
+            self.last_rx_us = monotonic_us()
+            self.conn.receive_data(data)
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, protocol.Media):
+                    self._on_media(event)
+                elif isinstance(event, protocol.Heartbeat):
+                    self._on_heartbeat(event)
+                elif isinstance(event, protocol.Goodbye):
+                    return GOODBYE_TO_CLOSE.get(int(event.reason), CloseReason.BYE)
+                elif isinstance(event, protocol.ConnectionClosed):
+                    return self._close_reason or CloseReason.PEER_CLOSED
+
+    async def _tick(self) -> None:
+        """Heartbeats at the agreed interval; closes a session silent past the idle timeout."""
+        while True:
+            self._send_heartbeat()
+            await asyncio.sleep(self.ctx.heartbeat_s)
+            if monotonic_us() - self.last_rx_us > self.ctx.idle_timeout_s * 1e6:
+                log.info("closing idle session of %s from %s", self.sender_id, self.peer)
+                self.close(CloseReason.TIMEOUT)
+                return
+
+    def _on_media(self, media: protocol.Media) -> None:
+        info = self.info
+        assert info is not None
+        stream = info.kind.label
+        try:
+            self._validate(info, media.data)
+        except BadFrame as exc:
+            self.counters.rejected += 1
+            # A fixed label set: the exception text holds numbers and would explode it.
+            self.ctx.metrics.frames_rejected.labels(reason=f"{stream}-invalid").inc()
+            if self.counters.rejected == 1:
+                log.warning("rejected a %s frame from %s: %s", stream, info.sender_id, exc)
+            return
+        if media.seq > self._next_seq and not media.late:
+            self.ctx.metrics.frames_lost.labels(sender=info.sender_id, stream=stream).inc(
+                media.seq - self._next_seq
+            )
+        self._next_seq = max(self._next_seq, media.seq + 1)
+        arrival = monotonic_us()
+        local_capture = self.clock.to_local(media.capture_us)
+        if local_capture is not None and not media.late:
+            latency = max(arrival - local_capture, 0) / 1e6
+            self.ctx.metrics.frame_latency.labels(stream=stream).observe(latency)
+        self.counters.frames_in += 1
+        self.ctx.metrics.frames_received.labels(sender=info.sender_id, stream=stream).inc()
+        self.ctx.metrics.bytes_received.labels(sender=info.sender_id, stream=stream).inc(
+            len(media.data)
+        )
+        frame = ReceivedFrame(
+            media.seq, media.capture_us, arrival, local_capture, media.data, media.late
+        )
+        self.ctx.sink.frame(info, frame)
+
+    @staticmethod
+    def _validate(info: StreamInfo, data: bytes) -> None:
+        fmt = info.format
+        if isinstance(fmt, VideoFormat):
+            check_video_frame(data, fmt.width, fmt.height)
+        elif len(data) != fmt.chunk_bytes:
+            raise BadFrame(f"chunk of {len(data)} bytes, expected {fmt.chunk_bytes}")
+
+    def _on_heartbeat(self, hb: protocol.Heartbeat) -> None:
+        now = monotonic_us()
+        self._last_peer_hb = (hb.sent_us, now)
+        if hb.echo_us and hb.echo_us == self._last_hb_sent_us:
+            self.clock.add(
+                local_now_us=now, peer_sent_us=hb.sent_us, echoed_us=hb.echo_us, held_us=hb.held_us
+            )
+            if self.clock.rtt_us is not None and self.info is not None:
+                self.ctx.metrics.rtt.labels(
+                    sender=self.info.sender_id, stream=self.info.kind.label
+                ).set(self.clock.rtt_us / 1e6)
+
+    def _send_heartbeat(self) -> None:
+        if self.conn.state is not protocol.State.OPEN:
+            return
+        now = monotonic_us()
+        echo, held = 0, 0
+        if self._last_peer_hb is not None:
+            echo, held = self._last_peer_hb[0], now - self._last_peer_hb[1]
+        self._last_hb_sent_us = now
+        self._write(self.conn.send(protocol.Heartbeat(now, echo, held)))
+
+    # ---- writing -----------------------------------------------------------------------
+
+    def _send_goodbye(self, reason: GoodbyeReason, text: str) -> None:
+        with contextlib.suppress(Exception):
+            self._write(self.conn.send(protocol.Goodbye(reason, text)))
+
+    def _write(self, data: bytes) -> None:
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            # The peer stopped reading: do not buffer for it any longer.
+            self._close_reason = self._close_reason or CloseReason.TIMEOUT
+            transport.abort()
+            return
+        self.writer.write(data)
+        self.counters.frames_out += 1
+        self.counters.bytes_out += len(data)

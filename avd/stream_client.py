@@ -1,0 +1,305 @@
+"""The sender's side of one stream: connect, authenticate, stream, and reconnect for ever.
+
+Each stream (video on its port, audio on its port) runs one ``StreamClient``. A session is:
+TLS connect (the receiver's certificate checked against ``AVD_TLS_CA`` and its name),
+hello, welcome, then three tasks: the pump moves captured frames from the drop-oldest
+queue to the socket, the reader answers heartbeats and notes acks, and the ticker sends
+heartbeats and drops a receiver silent for three intervals. Whatever ends a session, the
+client waits as ``Backoff`` says (first retry within 0.5 s, capped, slow after a refusal)
+and tries again, until the daemon stops or the source ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+
+from avd import protocol
+from avd.backoff import Backoff, FailureKind, classify, describe_failure
+from avd.clock import monotonic_us
+from avd.errors import AuthError, RemoteProtocolError
+from avd.logs import LogEvent, log_event
+from avd.media.base import CapturedFrame, MediaFormat, StreamKind
+from avd.metrics import SenderMetrics
+from avd.protocol import GoodbyeReason, Role
+from avd.queues import DropOldestQueue
+from avd.tokens import Token
+
+log = logging.getLogger("avd.sender")
+
+MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
+
+
+class SessionEnded(Exception):
+    """The receiver said goodbye."""
+
+    def __init__(self, reason: GoodbyeReason | int, text: str) -> None:
+        super().__init__(f"receiver said goodbye: {text or reason}")
+        self.reason = reason
+
+
+class SourceEnded(Exception):
+    """The source will produce no more frames (a video file without loop)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    server_name: str
+    ssl_context: ssl.SSLContext
+    handshake_timeout_s: float
+
+
+class StreamClient:
+    def __init__(
+        self,
+        *,
+        kind: StreamKind,
+        endpoint: Endpoint,
+        sender_id: str,
+        token: Token,
+        media_format: MediaFormat,
+        queue: DropOldestQueue[tuple[int, CapturedFrame]],
+        metrics: SenderMetrics,
+        backoff: Backoff,
+    ) -> None:
+        self.kind, self.endpoint = kind, endpoint
+        self.sender_id, self.token, self.media_format = sender_id, token, media_format
+        self.queue, self.metrics, self.backoff = queue, metrics, backoff
+        self.label = kind.label
+        self.state = "starting"
+        self.connected = False
+        self.acked_seq = -1
+        self.rtt_us: int | None = None
+        self._established = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            if attempt:
+                self.metrics.reconnects.labels(stream=self.label).inc()
+            attempt += 1
+            started = monotonic_us()
+            self._established = False
+            try:
+                await self._session(stop)
+                failure, problem = FailureKind.SESSION_LOST, "session ended"
+            except SourceEnded:
+                self.state = "source ended"
+                return
+            except SessionEnded as exc:
+                failure, problem = self._goodbye_failure(exc)
+            except (OSError, ssl.SSLError, TimeoutError, AuthError, RemoteProtocolError) as exc:
+                failure = classify(exc)
+                problem = describe_failure(failure, exc)
+            finally:
+                self._set_connected(False)
+            if stop.is_set():
+                return
+            if self._established:
+                self.backoff.session_ended((monotonic_us() - started) / 1e6)
+            await self._wait_before_retry(stop, failure, problem)
+
+    def _goodbye_failure(self, exc: SessionEnded) -> tuple[FailureKind, str]:
+        if exc.reason == GoodbyeReason.REVOKED:
+            return FailureKind.AUTH_REFUSED, "the receiver revoked this sender's token"
+        if exc.reason == GoodbyeReason.REPLACED:
+            return (
+                FailureKind.SESSION_LOST,
+                f"another sender connected with the same id {self.sender_id!r}",
+            )
+        return FailureKind.SESSION_LOST, str(exc)
+
+    async def _wait_before_retry(
+        self, stop: asyncio.Event, failure: FailureKind, problem: str
+    ) -> None:
+        delay = self.backoff.next_delay(failure)
+        self.state = f"waiting for receiver, retry in {delay:.0f} s"
+        level = logging.INFO if failure is FailureKind.SESSION_LOST else logging.WARNING
+        where = f"{self.endpoint.host}:{self.endpoint.port}"
+        log_event(
+            log,
+            level,
+            LogEvent.STREAM_RETRY,
+            f"{self.label} stream to {where}: {problem}; retrying in {delay:.1f} s",
+            stream=self.label,
+            peer=where,
+            retry_s=round(delay, 2),
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self.metrics.connected.labels(stream=self.label).set(1 if connected else 0)
+
+    # ---- one session -------------------------------------------------------------------
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        """Run one session until it ends; raises why, unless the daemon is stopping."""
+        ep = self.endpoint
+        self.state = f"connecting to {ep.host}:{ep.port}"
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                ep.host,
+                ep.port,
+                ssl=ep.ssl_context,
+                server_hostname=ep.server_name,
+                ssl_handshake_timeout=ep.handshake_timeout_s,
+            ),
+            timeout=ep.handshake_timeout_s + 1,
+        )
+        try:
+            conn = protocol.Connection(Role.SENDER)
+            hello = protocol.Hello(
+                self.sender_id, self.kind, self.media_format, self.token.as_bytes()
+            )
+            writer.write(conn.send(hello))
+            welcome = await asyncio.wait_for(
+                self._await_welcome(reader, conn), ep.handshake_timeout_s
+            )
+            self._set_connected(True)
+            self._established = True
+            self.state = "streaming"
+            log_event(
+                log,
+                logging.INFO,
+                LogEvent.STREAM_STARTED,
+                f"{self.label} stream connected to {ep.host}:{ep.port} "
+                f"(session {welcome.session_id})",
+                stream=self.label,
+                peer=f"{ep.host}:{ep.port}",
+            )
+            link = _Link(self, conn, reader, writer, welcome.heartbeat_ms / 1000)
+            await link.run(stop)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+
+    @staticmethod
+    async def _await_welcome(
+        reader: asyncio.StreamReader, conn: protocol.Connection
+    ) -> protocol.Welcome:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, protocol.Welcome):
+                return event
+            if isinstance(event, protocol.Refused):
+                raise AuthError("the receiver refused this sender's token")
+            if isinstance(event, protocol.Goodbye):
+                raise SessionEnded(event.reason, event.text)
+            if isinstance(event, protocol.ConnectionClosed):
+                raise ConnectionResetError("the receiver closed the connection during the hello")
+            if event is None:
+                conn.receive_data(await reader.read(4096))
+
+
+class _Link:
+    """The three tasks of an established session; ``run`` raises why the session ended."""
+
+    def __init__(
+        self,
+        client: StreamClient,
+        conn: protocol.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        heartbeat_s: float,
+    ) -> None:
+        self.client, self.conn = client, conn
+        self.reader, self.writer = reader, writer
+        self.heartbeat_s = max(heartbeat_s, 0.05)
+        self.last_rx_us = monotonic_us()
+        self.last_hb_sent_us = 0
+        self.last_peer_hb: tuple[int, int] | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._pump()),
+            asyncio.create_task(self._read()),
+            asyncio.create_task(self._tick()),
+            asyncio.create_task(stop.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if stop.is_set():
+            await self._goodbye(GoodbyeReason.SHUTDOWN, "sender stopping")
+            return
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, SourceEnded):
+                await self._goodbye(GoodbyeReason.BYE, "source ended")
+            if exc is not None:
+                raise exc
+
+    async def _goodbye(self, reason: GoodbyeReason, text: str) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(self.conn.send(protocol.Goodbye(reason, text)))
+            await asyncio.wait_for(self.writer.drain(), timeout=1.0)
+
+    async def _pump(self) -> None:
+        client = self.client
+        sent = client.metrics.frames_sent.labels(stream=client.label)
+        sent_bytes = client.metrics.bytes_sent.labels(stream=client.label)
+        while True:
+            item = await client.queue.get()
+            if item is None:
+                raise SourceEnded
+            seq, frame = item
+            head, payload = self.conn.send_media(protocol.Media(seq, frame.capture_us, frame.data))
+            self.writer.write(head)
+            self.writer.write(payload)
+            sent.inc()
+            sent_bytes.inc(len(payload))
+            # Waits only while the socket's buffer is over its high-water mark; meanwhile
+            # the capture thread keeps going and the queue drops the oldest frames.
+            await self.writer.drain()
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.reader.read(65536)
+            self.last_rx_us = monotonic_us()
+            self.conn.receive_data(data)
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, protocol.Heartbeat):
+                    self._on_heartbeat(event)
+                elif isinstance(event, protocol.Ack):
+                    self.client.acked_seq = max(self.client.acked_seq, event.seq)
+                elif isinstance(event, protocol.Goodbye):
+                    raise SessionEnded(event.reason, event.text)
+                elif isinstance(event, protocol.ConnectionClosed):
+                    raise ConnectionResetError("the receiver closed the connection")
+
+    def _on_heartbeat(self, hb: protocol.Heartbeat) -> None:
+        now = monotonic_us()
+        if hb.echo_us and hb.echo_us == self.last_hb_sent_us:
+            self.client.rtt_us = max(now - hb.echo_us - hb.held_us, 0)
+            self.client.metrics.rtt.labels(stream=self.client.label).set(self.client.rtt_us / 1e6)
+        self.last_peer_hb = (hb.sent_us, now)
+        # Answer at once so the receiver gets a clock-offset sample within one round trip;
+        # the receiver never answers ours, so this cannot ping-pong.
+        self._send_heartbeat()
+
+    def _send_heartbeat(self) -> None:
+        now = monotonic_us()
+        echo, held = 0, 0
+        if self.last_peer_hb is not None:
+            echo, held = self.last_peer_hb[0], now - self.last_peer_hb[1]
+        self.last_hb_sent_us = now
+        self.writer.write(self.conn.send(protocol.Heartbeat(now, echo, held)))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            silent_s = (monotonic_us() - self.last_rx_us) / 1e6
+            if silent_s > MISSED_HEARTBEATS * self.heartbeat_s:
+                raise TimeoutError(f"the receiver sent nothing for {silent_s:.1f} s")
+            self._send_heartbeat()
