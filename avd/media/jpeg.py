@@ -83,7 +83,7 @@ def _refuse_before_sof(marker: int) -> None:
 
 def _segment_length(view: memoryview, pos: int, end: int) -> int:
     """The length field of the segment whose marker is at ``pos``, checked against ``end``."""
-    if pos + 4 > end:
+    if pos + 4 > end:  # cannot happen while the frame ends in FFD9; kept for the walk's own sake
         raise BadFrame("truncated segment")
     length = _u16(view, pos + 2)
     if length < 2:

@@ -140,8 +140,11 @@ class WavFileSource(_PacedAudio):
             if self._at_end:  # looping: the padded chunk was sent, start again
                 self._wav.rewind()
             data = self._wav.readframes(fmt.chunk)
+            if not data and self.loop:  # the file ended on a chunk boundary
+                self._wav.rewind()
+                data = self._wav.readframes(fmt.chunk)
         self._at_end = len(data) < fmt.chunk_bytes
-        if not data and not self.loop:
+        if not data:  # past the end, or an empty file (which must not loop on silence)
             return None
         # 8-bit WAV is unsigned: its silence is 0x80, not 0 (the wave module keeps it so).
         silence = b"\x80" if fmt.sample_width == 1 else b"\x00"
