@@ -1,0 +1,155 @@
+"""Settings: defaults, the one-line errors that name the variable, and the example file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from avd.config import (
+    CommonSettings,
+    ReceiverSettings,
+    SenderSettings,
+    load_settings,
+    parse_host_port,
+    settings_help,
+)
+from avd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("AVD_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / name for name in ("ca.crt", "receiver.crt", "receiver.key", "tokens")}
+    for path in paths.values():
+        path.write_text("x")
+    return paths
+
+
+def test_sender_defaults_match_the_original_readme(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    clean_env.setenv("AVD_RECEIVER_HOST", "receiver.example")
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    s = load_settings(SenderSettings)
+    assert (s.video_port, s.audio_port) == (5000, 5001)
+    assert (s.width, s.height, s.fps, s.jpeg_quality) == (640, 480, 20, 70)
+    assert (s.audio_rate, s.audio_channels, s.audio_chunk) == (44100, 1, 1024)
+    assert s.audio_format.sample_width == 2
+    assert s.reconnect_max_s == 10
+    assert s.tls_min_version == "1.3" and not s.allow_tls12
+    assert s.server_name == "receiver.example"
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", s.sender_id)
+
+
+def test_receiver_defaults(clean_env: pytest.MonkeyPatch, files: dict[str, Path]) -> None:
+    clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
+    clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
+    clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+    s = load_settings(ReceiverSettings)
+    assert s.bind == "0.0.0.0" and (s.video_port, s.audio_port) == (5000, 5001)
+    assert s.handshake_timeout_s == 5 and s.metrics_endpoint is None and s.record_dir is None
+
+
+def test_env_file_is_read_and_the_environment_wins(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path], tmp_path: Path
+) -> None:
+    env_file = tmp_path / "sender.env"
+    env_file.write_text(f"AVD_RECEIVER_HOST=from-file\nAVD_TLS_CA={files['ca.crt']}\nAVD_FPS=10\n")
+    clean_env.setenv("AVD_FPS", "15")
+    s = load_settings(SenderSettings, env_file)
+    assert s.receiver_host == "from-file" and s.fps == 15
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("AVD_FPS", "abc", "AVD_FPS: Input should be a valid integer"),
+        ("AVD_FPS", "0", "AVD_FPS: Input should be greater than or equal to 1"),
+        ("AVD_VIDEO_PORT", "70000", "AVD_VIDEO_PORT: Input should be less than or equal to 65535"),
+        ("AVD_SENDER_ID", "bad id!", "AVD_SENDER_ID:"),
+        ("AVD_METRICS_ADDR", "nocolon", "AVD_METRICS_ADDR: expected host:port"),
+        ("AVD_TLS_MIN_VERSION", "1.0", "AVD_TLS_MIN_VERSION:"),
+        ("AVD_LOG_LEVEL", "loud", "AVD_LOG_LEVEL:"),
+    ],
+)
+def test_a_bad_value_names_its_variable(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path], variable: str, value: str, expected: str
+) -> None:
+    clean_env.setenv("AVD_RECEIVER_HOST", "r")
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    clean_env.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(SenderSettings)
+    message = str(info.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_missing_required_and_missing_files_are_named(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"AVD_TLS_CERT: required but not set"):
+        load_settings(ReceiverSettings)
+    clean_env.setenv("AVD_TLS_CERT", str(tmp_path / "nope.crt"))
+    with pytest.raises(ConfigError, match=r"AVD_TLS_CERT: no such file: .*nope\.crt"):
+        load_settings(ReceiverSettings)
+    with pytest.raises(ConfigError, match="--env-file: no such file"):
+        load_settings(ReceiverSettings, tmp_path / "missing.env")
+
+
+def test_a_bad_token_value_is_never_echoed(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    clean_env.setenv("AVD_RECEIVER_HOST", "r")
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    clean_env.setenv("AVD_TOKEN", "s3cr3t-" * 8)
+    s = load_settings(SenderSettings)
+    assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s)
+
+
+def test_parse_host_port() -> None:
+    assert parse_host_port("127.0.0.1:9400", "X") == ("127.0.0.1", 9400)
+    assert parse_host_port("[::1]:9400", "X") == ("::1", 9400)
+    for bad in ("9400", "host:", ":9400", "host:0", "host:99999"):
+        with pytest.raises(ConfigError, match="^X: "):
+            parse_host_port(bad, "X")
+
+
+def _documented(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r"^#?(AVD_[A-Z0-9_]+)=(.*)$", line)
+        if match:
+            found.setdefault(match.group(1), match.group(2))
+    return found
+
+
+@pytest.mark.parametrize("cls", [ReceiverSettings, SenderSettings])
+def test_config_example_documents_every_variable_with_its_default(
+    cls: type[CommonSettings],
+) -> None:
+    documented = _documented((REPO / "config.example.env").read_text())
+    for name, info in cls.model_fields.items():
+        variable = f"AVD_{name.upper()}"
+        assert variable in documented, f"{variable} is missing from config.example.env"
+        if not info.is_required() and info.default_factory is None and info.default is not None:
+            default = (
+                str(info.default).lower() if isinstance(info.default, bool) else str(info.default)
+            )
+            assert documented[variable] == default, (
+                f"{variable}: example says {documented[variable]}"
+            )
+    assert "AVD_" in settings_help(cls)

@@ -1,0 +1,362 @@
+"""End to end: the real daemons as subprocesses, real TLS on loopback, certificates and
+tokens from avd's own code, test sources. These are the tests that claim the system works.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import ssl
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from avd.certs import CertPaths
+from avd.media.base import StreamKind, VideoFormat
+from avd.protocol import Connection, Hello, Role
+
+from .conftest import (
+    Credentials,
+    Daemon,
+    ReceiverHandle,
+    metric,
+    receiver_env,
+    sender_env,
+    start_receiver,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _received(handle: ReceiverHandle, sender: str, stream: str) -> float:
+    return metric(handle.metrics(), "avd_frames_received_total", sender=sender, stream=stream)
+
+
+def _start_sender(
+    daemons: list[Daemon],
+    pki: CertPaths,
+    handle: ReceiverHandle,
+    tmp_path: Path,
+    name: str,
+    sender_id: str,
+    token: str,
+    **extra: str,
+) -> Daemon:
+    daemon = Daemon(
+        "sender", sender_env(pki, handle, sender_id, token, **extra), tmp_path / f"{name}.log"
+    )
+    daemons.append(daemon)
+    return daemon
+
+
+def _sender_metrics_url(sender: Daemon) -> str:
+    return sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+
+
+def test_streams_video_and_audio_and_stops_cleanly(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    sender = _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
+    from .conftest import scrape
+
+    sender_url = _sender_metrics_url(sender)
+    wait_until(
+        lambda: _received(handle, "cam1", "video") > 0 and _received(handle, "cam1", "audio") > 0
+    )
+    time.sleep(3)
+    # Stop the sender first, so that every frame it counted as sent had time to arrive.
+    sent = scrape(sender_url)
+    assert sender.stop() == 0
+    samples = handle.metrics()
+    for stream, rate in (("video", 20), ("audio", 44100 / 1024)):
+        got = metric(samples, "avd_frames_received_total", sender="cam1", stream=stream)
+        sent_n = metric(sent, "avd_frames_sent_total", stream=stream)
+        assert sent_n >= 2.5 * rate, f"{stream}: only {sent_n} sent in >3 s"
+        assert got >= 0.95 * sent_n, f"{stream}: received {got} of {sent_n}"
+        latency_count = metric(samples, "avd_frame_latency_seconds_count", stream=stream)
+        assert latency_count > 0, f"no latency measured for {stream}"
+        assert metric(samples, "avd_bytes_received_total", sender="cam1", stream=stream) > 0
+    assert metric(samples, "avd_auth_failures_total") == 0
+    log = handle.daemon.log_text()
+    assert re.search(
+        r"connection opened peer=127\.0\.0\.1:\d+ sender=cam1 stream=video tls=TLSv1\.3/", log
+    )
+    assert re.search(r"connection opened .*sender=cam1 stream=audio", log)
+    assert re.search(r"connection closed .*sender=cam1 stream=video .*reason=bye", log), log[-3000:]
+    assert handle.daemon.stop() == 0
+    assert creds.tokens["cam1"] not in log and creds.tokens["cam1"] not in sender.log_text()
+
+
+def test_wrong_tokens_and_garbage_are_refused_while_a_good_sender_streams(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    _start_sender(
+        daemons,
+        pki,
+        handle,
+        tmp_path,
+        "good",
+        "cam1",
+        creds.tokens["cam1"],
+        AVD_AUDIO_SOURCE="none",
+    )
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+
+    # Another sender's token, and a token nobody issued.
+    thief = _start_sender(
+        daemons,
+        pki,
+        handle,
+        tmp_path,
+        "thief",
+        "cam2",
+        creds.tokens["cam1"],
+        AVD_AUDIO_SOURCE="none",
+    )
+    stranger = _start_sender(
+        daemons, pki, handle, tmp_path, "stranger", "cam1", "x" * 43, AVD_AUDIO_SOURCE="none"
+    )
+    wait_until(lambda: metric(handle.metrics(), "avd_auth_failures_total") >= 2)
+    thief.wait_for_log(r"token refused|refused this sender's token")
+    before = _received(handle, "cam1", "video")
+
+    # Garbage: plaintext on the TLS port, random bytes after a TLS handshake, a huge length.
+    with socket.create_connection(("127.0.0.1", handle.video_port)) as raw:
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        raw.settimeout(5)
+        # The receiver answers with at most a TLS alert and closes: the reads end, not hang.
+        received = b""
+        while chunk := raw.recv(4096):
+            received += chunk
+        assert len(received) < 100
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    for payload in (b"\x00" * 64, b"AV\x01\x01" + struct.pack(">I", 2**31)):
+        with socket.create_connection(("127.0.0.1", handle.video_port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(payload)
+                tls.settimeout(5)
+                try:
+                    assert tls.recv(100) == b""
+                except (ConnectionResetError, ssl.SSLError):
+                    pass
+    wait_until(lambda: _received(handle, "cam1", "video") >= before + 40)
+    samples = handle.metrics()
+    assert metric(samples, "avd_handshake_failures_total", reason="tls-error") >= 1
+    assert metric(samples, "avd_handshake_failures_total", reason="protocol-error") >= 2
+    log = handle.daemon.log_text()
+    assert re.search(r"auth(entication)? failed .*peer=127\.0\.0\.1:\d+ .*cam2", log), log[-3000:]
+    # The refused senders back off instead of hammering the receiver.
+    time.sleep(2)
+    attempts = len(re.findall(r"token refused|refused this sender's token", thief.log_text()))
+    assert 1 <= attempts <= 3, thief.log_text()
+    assert stranger.proc.poll() is None and thief.proc.poll() is None
+    for token in creds.tokens.values():
+        assert token not in log
+
+
+def test_hello_must_arrive_within_the_handshake_timeout(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    env = receiver_env(pki, creds.tokens_file, AVD_HANDSHAKE_TIMEOUT_S="1")
+    handle = start_receiver(env, tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    with socket.create_connection(("127.0.0.1", handle.audio_port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.settimeout(5)
+            started = time.monotonic()
+            assert tls.recv(100) == b""
+            assert time.monotonic() - started < 3
+    wait_until(
+        lambda: (
+            metric(handle.metrics(), "avd_handshake_failures_total", reason="hello-timeout") == 1
+        )
+    )
+    # A plain TCP connection that never starts TLS is dropped as well.
+    with socket.create_connection(("127.0.0.1", handle.audio_port)) as raw:
+        raw.settimeout(5)
+        assert raw.recv(100) == b""
+    wait_until(
+        lambda: metric(handle.metrics(), "avd_handshake_failures_total", reason="tls-timeout") == 1
+    )
+
+
+def test_a_tls12_peer_and_an_untrusted_receiver_are_refused(
+    pki: CertPaths, other_pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        socket.create_connection(("127.0.0.1", handle.video_port)) as raw,
+        pytest.raises(ssl.SSLError),
+    ):
+        ctx.wrap_socket(raw, server_hostname="localhost")
+    # A sender that trusts another CA refuses the receiver and says why, slowly.
+    sender = _start_sender(
+        daemons,
+        pki,
+        handle,
+        tmp_path,
+        "distrust",
+        "cam1",
+        creds.tokens["cam1"],
+        AVD_TLS_CA=str(other_pki.ca_cert),
+    )
+    sender.wait_for_log(r"certificate")
+    assert metric(handle.metrics(), "avd_frames_received_total") == 0
+
+
+def test_mutual_tls_requires_a_client_certificate(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    env = receiver_env(pki, creds.tokens_file, AVD_TLS_CLIENT_CA=str(pki.ca_cert))
+    handle = start_receiver(env, tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    _start_sender(
+        daemons,
+        pki,
+        handle,
+        tmp_path,
+        "with-cert",
+        "cam1",
+        creds.tokens["cam1"],
+        AVD_TLS_CERT=str(pki.sender_cert),
+        AVD_TLS_KEY=str(pki.sender_key),
+        AVD_AUDIO_SOURCE="none",
+    )
+    _start_sender(
+        daemons,
+        pki,
+        handle,
+        tmp_path,
+        "no-cert",
+        "cam2",
+        creds.tokens["cam2"],
+        AVD_AUDIO_SOURCE="none",
+    )
+    wait_until(lambda: _received(handle, "cam1", "video") > 10)
+    wait_until(
+        lambda: metric(handle.metrics(), "avd_handshake_failures_total", reason="tls-error") >= 1
+    )
+    assert _received(handle, "cam2", "video") == 0
+
+
+def test_sender_streams_again_within_2s_of_a_receiver_restart(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver1.log")
+    daemons.append(handle.daemon)
+    _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    handle.daemon.proc.send_signal(signal.SIGKILL)
+    handle.daemon.kill()
+    time.sleep(1.5)  # the sender notices and starts backing off
+    env = receiver_env(
+        pki,
+        creds.tokens_file,
+        AVD_VIDEO_PORT=str(handle.video_port),
+        AVD_AUDIO_PORT=str(handle.audio_port),
+    )
+    restarted = start_receiver(env, tmp_path / "receiver2.log")
+    daemons.append(restarted.daemon)
+    ready = time.monotonic()
+    wait_until(
+        lambda: (
+            _received(restarted, "cam1", "video") > 0 and _received(restarted, "cam1", "audio") > 0
+        ),
+        10,
+    )
+    assert time.monotonic() - ready < 2.0 + 0.5  # 0.5 s of slack for scraping on a busy machine
+
+
+def test_two_senders_at_once(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    for sender_id in ("cam1", "cam2"):
+        _start_sender(daemons, pki, handle, tmp_path, sender_id, sender_id, creds.tokens[sender_id])
+    wait_until(
+        lambda: all(
+            _received(handle, s, k) > 10 for s in ("cam1", "cam2") for k in ("video", "audio")
+        )
+    )
+    assert metric(handle.metrics(), "avd_connections_active", stream="video") == 2
+
+
+def test_sighup_reload_closes_a_revoked_senders_sessions(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    sender = _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    lines = creds.tokens_file.read_text().splitlines()
+    creds.tokens_file.write_text(
+        "\n".join(line for line in lines if not line.startswith("cam1 ")) + "\n"
+    )
+    handle.daemon.proc.send_signal(signal.SIGHUP)
+    handle.daemon.wait_for_log(r"reason=token-revoked")
+    sender.wait_for_log(r"revoked")
+    wait_until(lambda: metric(handle.metrics(), "avd_connections_active") == 0)
+
+
+@pytest.mark.parametrize(
+    ("role", "env", "variable"),
+    [
+        ("receiver", {"AVD_VIDEO_PORT": "not-a-port"}, "AVD_VIDEO_PORT"),
+        ("receiver", {"AVD_TOKENS_FILE": "/nonexistent/tokens"}, "AVD_TOKENS_FILE"),
+        ("sender", {"AVD_FPS": "0"}, "AVD_FPS"),
+        ("sender", {"AVD_TLS_CA": "/nonexistent/ca.crt"}, "AVD_TLS_CA"),
+    ],
+)
+def test_a_bad_setting_exits_78_naming_the_variable(
+    pki: CertPaths,
+    creds: Credentials,
+    tmp_path: Path,
+    role: str,
+    env: dict[str, str],
+    variable: str,
+) -> None:
+    handle = ReceiverHandle(None, 5000, 5001, "")  # type: ignore[arg-type]
+    if role == "receiver":
+        base = receiver_env(pki, creds.tokens_file)
+    else:
+        base = sender_env(pki, handle, "cam1", creds.tokens["cam1"])
+    base.update(env)
+    daemon = Daemon(role, base, tmp_path / "daemon.log")
+    assert daemon.proc.wait(20) == 78
+    daemon.stop()
+    output = daemon.log_text()
+    assert variable in output
+    assert "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1, output
+
+
+def test_hello_for_the_wrong_port_is_refused(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    conn = Connection(Role.SENDER)
+    hello = Hello(
+        "cam1", StreamKind.VIDEO, VideoFormat(640, 480, 20, 70), creds.tokens["cam1"].encode()
+    )
+    with socket.create_connection(("127.0.0.1", handle.audio_port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(conn.send(hello))
+            tls.settimeout(5)
+            reply = tls.recv(100)
+    assert reply[:4] == b"AV\x01\x03"  # refused, and nothing about why
+    assert len(reply) == 8
