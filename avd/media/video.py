@@ -36,7 +36,9 @@ log = logging.getLogger("avd.media.video")
 Image = npt.NDArray[np.uint8]
 
 FAILURES_BEFORE_REOPEN = 10
-FAILED_READ_PAUSE_S = 0.05  # between failed reads: a vanished device fails at once
+# Between failed reads: a vanished device fails at once, and 10 failures spread over 0.5 s
+# let a glitch pass without the cost of a reopen.
+FAILED_READ_PAUSE_S = 0.05
 REOPEN_FIRST_DELAY_S = 0.5
 REOPEN_MAX_DELAY_S = 10.0
 MAX_FILE_FPS = 240.0  # above this a file's CAP_PROP_FPS is junk (some containers say 1000)
