@@ -282,10 +282,28 @@ def admin_parser() -> argparse.ArgumentParser:
     new.add_argument("--sender-id", required=True, help="the sender this token is for")
     new.add_argument("--tokens-file", help="the receiver's tokens file to add the hash to")
     new.set_defaults(func=_token_new)
+    for name, (_, summary) in DELEGATED.items():
+        sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
+# Subcommands that own their whole command line, each in its own module: `avd NAME ...`
+# runs `module.main(rest_of_argv) -> int`. Imported only when used.
+DELEGATED = {
+    "demo": ("avd.demo", "sender and receiver on localhost with test sources, then figures"),
+    "bench": ("avd.bench", "measure latency, throughput, CPU and scale on this machine"),
+    "check": ("avd.check", "validate a daemon's settings, files and, for a sender, the receiver"),
+    "devices": ("avd.media.devices", "list cameras and audio devices with their setting values"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib  # noqa: PLC0415
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(module.main(argv[1:]))
     args = admin_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -230,7 +230,10 @@ def _print_figures(before: Samples, after: Samples, elapsed: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="avd demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="avd demo",
+        description="Run a receiver and a sender with test sources, then print figures.",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to stream (10)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args(argv)
