@@ -1,0 +1,396 @@
+"""avd.media.recorder through its MediaSink interface, on real files and real file systems.
+
+The sink methods are called directly, as the receiver's event loop would; every check opens
+the resulting Matroska files again with PyAV. The full-disk test mounts a real 2 MiB tmpfs
+(skipped, saying why, where mounting is not permitted); the crash test kills a real writer
+process with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from avd.clock import monotonic_us
+from avd.media.base import AudioFormat, ReceivedFrame, StreamInfo, StreamKind, VideoFormat
+from avd.media.recorder import Recorder
+from avd.media.retention import RetentionPolicy
+from avd.media.segment import ClosedSegment
+
+REPO = Path(__file__).resolve().parent.parent
+VIDEO = VideoFormat(width=640, height=480, fps=20, quality=70)
+AUDIO = AudioFormat(rate=44100, channels=1, sample_width=2, chunk=1024)
+CHUNK_US = 1024 * 1_000_000 // 44100
+BASE_US = 9_000_000_000
+NAME = re.compile(r"\d{8}T\d{6}(\.\d{3})?Z(-\d+)?\.mkv")
+NO_RETENTION = RetentionPolicy()
+
+
+def jpeg(n: int, noise: bool = False) -> bytes:
+    rng = np.random.default_rng(n)
+    top = 255 if noise else 60
+    image = rng.integers(0, top, (480, 640, 3), dtype=np.uint8)
+    cv2.putText(image, f"{n}", (40, 240), cv2.FONT_HERSHEY_SIMPLEX, 4, (255, 255, 255), 6)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    assert ok
+    return bytes(encoded.tobytes())
+
+
+def pcm(n: int) -> bytes:
+    samples = np.zeros(1024, np.int16)
+    samples[:2] = (n & 0x7FFF, n >> 15)
+    return samples.tobytes()
+
+
+def info(kind: StreamKind, sender: str = "cam1", session: int = 1) -> StreamInfo:
+    fmt = VIDEO if kind is StreamKind.VIDEO else AUDIO
+    return StreamInfo(sender, kind, fmt, "127.0.0.1:5000", session)
+
+
+def received(seq: int, capture_us: int, data: bytes, late: bool = False) -> ReceivedFrame:
+    return ReceivedFrame(seq, capture_us, monotonic_us(), None, data, late)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def segments(record_dir: Path, sender: str = "cam1") -> list[Path]:
+    return sorted((record_dir / sender).glob("*/*.mkv"))
+
+
+def demux(path: Path) -> list[tuple[str, int, bytes]]:
+    """(stream type, pts in ms, payload) of every packet, in file order."""
+    with av.open(str(path)) as container:
+        return [(p.stream.type, p.pts or 0, bytes(p)) for p in container.demux() if p.size]
+
+
+def feed_av(
+    recorder: Recorder, seconds: float, *, audio_lag_us: int = 120_000
+) -> tuple[list[bytes], list[bytes]]:
+    """Video at 20 fps and audio chunks, the audio arriving ``audio_lag_us`` behind (two
+    connections are never in step); returns what was sent."""
+    frames = [jpeg(i) for i in range(round(seconds * 20))]
+    chunks = [pcm(i) for i in range(int(seconds * 1_000_000 / CHUNK_US))]
+    events = [(i * 50_000, StreamKind.VIDEO, i) for i in range(len(frames))]
+    events += [(i * CHUNK_US + audio_lag_us, StreamKind.AUDIO, i) for i in range(len(chunks))]
+    for arrival, kind, i in sorted(events):
+        if kind is StreamKind.VIDEO:
+            recorder.frame(info(kind), received(i, BASE_US + i * 50_000, frames[i]))
+        else:
+            recorder.frame(info(kind), received(i, BASE_US + i * CHUNK_US, chunks[i]))
+        del arrival
+    return frames, chunks
+
+
+@pytest.fixture
+def closed_segments() -> list[ClosedSegment]:
+    return []
+
+
+def test_segments_roll_and_every_frame_lands_in_exactly_one(
+    tmp_path: Path, closed_segments: list[ClosedSegment]
+) -> None:
+    recorder = Recorder(
+        tmp_path,
+        segment_seconds=1.0,
+        retention=NO_RETENTION,
+        on_segment_closed=closed_segments.append,
+    )
+    recorder.stream_started(info(StreamKind.VIDEO))
+    recorder.stream_started(info(StreamKind.AUDIO))
+    frames, chunks = feed_av(recorder, 4.5)
+    recorder.stream_ended(info(StreamKind.VIDEO))
+    recorder.stream_ended(info(StreamKind.AUDIO))
+    recorder.close()
+
+    files = segments(tmp_path)
+    assert len(files) == 5
+    assert [c.path for c in closed_segments] == files
+    for path in files:
+        assert NAME.fullmatch(path.name), path.name
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", path.parent.name)
+    stored = [demux(path) for path in files]
+    video = [data for packets in stored for kind, _, data in packets if kind == "video"]
+    audio = [data for packets in stored for kind, _, data in packets if kind == "audio"]
+    assert video == frames, "every frame in exactly one segment, in order"
+    assert audio == chunks
+    for packets in stored[1:]:
+        first_video = next(pts for kind, pts, _ in packets if kind == "video")
+        assert first_video == 0, "each rolled segment starts on a video frame"
+    for packets in stored:
+        pts = [pts for _, pts, _ in packets]
+        assert pts == sorted(pts), "video and audio interleaved in capture order"
+    stats = recorder.stats()["cam1"]
+    assert (stats.video_frames, stats.audio_chunks) == (len(frames), len(chunks))
+    assert stats.segments_opened == 5
+    assert stats.dropped == stats.not_recorded == stats.out_of_order == 0
+    assert stats.bytes == sum(map(len, frames)) + sum(map(len, chunks))
+
+
+def test_a_stream_starting_mid_segment_opens_a_segment_that_includes_it(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.2)
+    recorder.stream_started(info(StreamKind.VIDEO))
+    for i in range(30):  # 1.5 s of video alone: more than the grace, so video-only opens
+        recorder.frame(info(StreamKind.VIDEO), received(i, BASE_US + i * 50_000, jpeg(i)))
+    wait_until(lambda: recorder.stats()["cam1"].video_frames == 30)
+    first = recorder.current_segment("cam1")
+    recorder.stream_started(info(StreamKind.AUDIO))
+    for i in range(30, 40):
+        capture = BASE_US + i * 50_000
+        recorder.frame(info(StreamKind.AUDIO), received(i, capture, pcm(i)))
+        recorder.frame(info(StreamKind.VIDEO), received(i, capture + 1, jpeg(i)))
+    recorder.close()
+
+    files = segments(tmp_path)
+    assert files[0] == first
+    assert len(files) == 2
+    with av.open(str(files[0])) as one, av.open(str(files[1])) as two:
+        assert [s.type for s in one.streams] == ["video"]
+        assert sorted(s.type for s in two.streams) == ["audio", "video"]
+    assert sum(kind == "video" for kind, _, _ in demux(files[1])) == 10
+
+
+def test_late_frames_before_the_segment_are_counted_not_written(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.1)
+    recorder.stream_started(info(StreamKind.VIDEO))
+    recorder.frame(info(StreamKind.VIDEO), received(0, BASE_US, jpeg(0)))
+    wait_until(lambda: recorder.current_segment("cam1") is not None)
+    recorder.frame(info(StreamKind.VIDEO), received(1, BASE_US - 5_000_000, jpeg(1), late=True))
+    recorder.frame(info(StreamKind.VIDEO), received(2, BASE_US + 50_000, jpeg(2), late=True))
+    recorder.frame(info(StreamKind.VIDEO), received(3, BASE_US + 100_000, jpeg(3)))
+    recorder.close()
+
+    stats = recorder.stats()["cam1"]
+    assert (stats.video_frames, stats.late_dropped) == (3, 1)
+    (path,) = segments(tmp_path)
+    assert [data for _, _, data in demux(path)] == [jpeg(0), jpeg(2), jpeg(3)]
+
+
+def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def hold_writer(_: ClosedSegment) -> None:
+        release.wait(30)
+
+    recorder = Recorder(
+        tmp_path,
+        retention=NO_RETENTION,
+        queue_frames=3,
+        interleave_grace=0.05,
+        on_segment_closed=hold_writer,
+    )
+    recorder.stream_started(info(StreamKind.VIDEO))
+    recorder.frame(info(StreamKind.VIDEO), received(0, BASE_US, jpeg(0)))
+    recorder.stream_ended(info(StreamKind.VIDEO))  # closing the segment stalls the writer
+    wait_until(
+        lambda: (
+            recorder.stats()["cam1"].segments_opened == 1
+            and recorder.current_segment("cam1") is None
+        )
+    )
+    recorder.stream_started(info(StreamKind.VIDEO, session=2))
+    for i in range(1, 11):
+        recorder.frame(
+            info(StreamKind.VIDEO, session=2), received(i, BASE_US + i * 50_000, jpeg(i))
+        )
+    assert recorder.stats()["cam1"].dropped == 7
+    release.set()
+    recorder.close()
+    assert recorder.stats()["cam1"].video_frames == 4
+
+
+def test_unusable_sender_id_is_not_recorded(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path / "rec", retention=NO_RETENTION, interleave_grace=0.05)
+    bad = info(StreamKind.VIDEO, sender="../escape")
+    recorder.stream_started(bad)
+    recorder.frame(bad, received(0, BASE_US, jpeg(0)))
+    recorder.close()
+    assert recorder.stats()["../escape"].not_recorded == 1
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_latest_jpeg_follows_the_video_at_most_once_a_second(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, retention=NO_RETENTION)
+    latest = tmp_path / "cam1" / "latest.jpg"
+    versions: set[tuple[int, int]] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                st = latest.stat()
+                versions.add((st.st_ino, st.st_mtime_ns))  # each os.replace: a new file
+            except FileNotFoundError:
+                pass
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    recorder.stream_started(info(StreamKind.VIDEO))
+    started = time.monotonic()
+    for i in range(50):  # 2.5 s at 20 fps, paced in real time
+        recorder.frame(info(StreamKind.VIDEO), received(i, BASE_US + i * 50_000, jpeg(i)))
+        time.sleep(max(0.0, started + (i + 1) * 0.05 - time.monotonic()))
+    elapsed = time.monotonic() - started
+    recorder.close()
+    stop.set()
+    watcher.join()
+
+    image = cv2.imdecode(np.frombuffer(latest.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    assert image.shape == (480, 640, 3)
+    assert 2 <= len(versions) <= int(elapsed) + 2
+    assert sorted(p.name for p in latest.parent.iterdir() if p.is_file()) == ["latest.jpg"]
+
+
+CRASH_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from tests.test_recorder import AUDIO, BASE_US, CHUNK_US, info, jpeg, pcm, received
+    from avd.media.base import StreamKind
+    from avd.media.recorder import Recorder
+    from avd.media.retention import RetentionPolicy
+
+    recorder = Recorder(Path(sys.argv[1]), retention=RetentionPolicy())
+    recorder.stream_started(info(StreamKind.VIDEO))
+    recorder.stream_started(info(StreamKind.AUDIO))
+    start, chunk = time.monotonic(), 0
+    for i in range(100_000):  # 20 fps in real time, with its audio
+        capture = BASE_US + i * 50_000
+        while BASE_US + chunk * CHUNK_US <= capture:
+            stamp = BASE_US + chunk * CHUNK_US
+            recorder.frame(info(StreamKind.AUDIO), received(chunk, stamp, pcm(chunk)))
+            chunk += 1
+        recorder.frame(info(StreamKind.VIDEO), received(i, capture, jpeg(i % 40)))
+        print(recorder.stats()["cam1"].video_frames, flush=True)
+        time.sleep(max(0.0, start + (i + 1) * 0.05 - time.monotonic()))
+    """
+)
+
+
+def test_a_segment_killed_mid_write_keeps_all_but_the_last_second(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_WRITER, str(tmp_path), str(REPO)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    written = 0
+    try:
+        for line in proc.stdout:
+            written = int(line)
+            if written >= 50:  # 2.5 s of video recorded
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert written >= 50, "the writer process died before recording"
+    (path,) = segments(tmp_path)
+    packets = demux(path)
+    video = [data for kind, _, data in packets if kind == "video"]
+    assert len(video) >= written - VIDEO.fps, f"{written} written, {len(video)} survived"
+    assert video == [jpeg(i % 40) for i in range(len(video))]
+    assert any(kind == "audio" for kind, _, _ in packets)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs, unmounted at teardown."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {result.stderr.strip()}"
+        )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_full_disk_pauses_once_and_resumes_by_itself(
+    small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="avd.media")
+    filler = small_fs / "filler"
+    filler.write_bytes(os.urandom(1024 * 1024))
+    record_dir = small_fs / "recordings"
+    recorder = Recorder(
+        record_dir, retention=NO_RETENTION, retry_seconds=0.2, interleave_grace=0.05
+    )
+    video = info(StreamKind.VIDEO)
+    recorder.stream_started(video)
+    sent = 0
+
+    def send(count: int) -> None:
+        nonlocal sent
+        for _ in range(count):
+            recorder.frame(
+                video, received(sent, BASE_US + sent * 50_000, jpeg(sent % 7, noise=True))
+            )
+            sent += 1
+            time.sleep(0.01)
+
+    def handled() -> int:
+        s = recorder.stats()["cam1"]
+        return s.video_frames + s.not_recorded
+
+    while not recorder.paused("cam1"):
+        assert sent < 200, "a 2 MiB file system never filled up"
+        send(1)
+        wait_until(lambda: handled() == sent)
+    send(20)  # the sink keeps accepting frames while paused
+    wait_until(lambda: handled() == sent)
+    paused = recorder.stats()["cam1"]
+    assert paused.not_recorded >= 20
+    assert recorder.current_segment("cam1") is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "recording paused" in message
+    assert "No space left on device" in message
+    assert "live streaming continues" in message
+
+    filler.unlink()
+    deadline = time.monotonic() + 15
+    while recorder.paused("cam1"):
+        assert time.monotonic() < deadline, "recording did not resume"
+        send(1)
+    send(5)
+    recorder.close()
+    resumed = [r.getMessage() for r in caplog.records if "recording resumed" in r.getMessage()]
+    assert len(resumed) == 1
+    assert recorder.stats()["cam1"].video_frames > paused.video_frames
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    files = segments(record_dir)
+    assert len(files) >= 2
+    for path in files:
+        assert path.stat().st_size > 0, f"{path} is empty"
+        assert any(kind == "video" for kind, _, _ in demux(path)), f"{path} holds no frame"
