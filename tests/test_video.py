@@ -404,9 +404,10 @@ def test_a_vanished_device_node_is_given_up_at_once(caplog: pytest.LogCaptureFix
 def test_a_device_that_opens_but_does_not_deliver_is_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="avd.media.video")
+    caplog.set_level(logging.INFO, logger="avd.media.video")
     world = FakeWorld()
     source = fake_camera(world)
+    caplog.clear()
     world.present, world.opens_when_absent = False, True  # reopens "succeed", reads fail
     reader, results = read_in_thread(source)
     wait_until(lambda: len(world.opens) >= 4)  # lost, reopened, lost again, ...
@@ -453,3 +454,49 @@ def test_close_from_another_thread_releases_and_ends() -> None:
     source.stop()
     source.close()
     assert source.read() is None
+
+
+class UnseekableClip(FakeCapture):
+    """A file-like capture of three frames that cannot seek back (a pipe, some containers)."""
+
+    def __init__(self, world: FakeWorld) -> None:
+        super().__init__(world)
+        self.left = 3
+
+    def read(self) -> tuple[bool, Any]:
+        self.left -= 1
+        if self.left < 0:
+            return False, None
+        return True, np.full((240, 320, 3), 10 * self.left, np.uint8)
+
+    def set(self, prop_id: int, value: float, /) -> bool:
+        return False
+
+
+def test_a_file_that_cannot_seek_is_reopened_to_loop() -> None:
+    world = FakeWorld()
+    opened: list[UnseekableClip] = []
+
+    def factory(target: int | str) -> UnseekableClip:
+        world.opens.append(time.monotonic())
+        opened.append(UnseekableClip(world))
+        return opened[-1]
+
+    source = CaptureSource("clip.avi", QVGA_FAST, loop=True, capture_factory=factory)
+    source.open()
+    frames = [source.read() for _ in range(7)]
+    assert grey_levels([f for f in frames if f is not None]) == [2, 1, 0, 2, 1, 0, 2]
+    assert len(opened) == 3
+    assert [clip.opened for clip in opened] == [False, False, True]  # old ones released
+    source.close()
+    assert not opened[-1].opened
+
+
+def test_reading_before_open_is_an_error_and_after_close_the_end() -> None:
+    for source in (TestPatternSource(VGA), CaptureSource("clip.avi", VGA)):
+        with pytest.raises(DeviceError, match="was read before open"):
+            source.read()
+    pattern = TestPatternSource(VGA)
+    pattern.open()
+    pattern.close()
+    assert pattern.read() is None

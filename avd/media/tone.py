@@ -46,16 +46,23 @@ class _PacedAudio:
 
     def _wait_for_next_chunk(self) -> int | None:
         """Sleep until the next chunk is due and return its timestamp; None once stopped."""
-        if self._pacer is None:
-            raise DeviceError(f"{self.description} was read before open()")
-        if not self._pacer.wait(self._n, self._stop):
+        pacer = self._pacer  # close() may clear it meanwhile
+        if self._stop.is_set():
             return None
-        capture_us = self._pacer.due_us(self._n)
+        if pacer is None:
+            raise DeviceError(f"{self.description} was read before open()")
+        if not pacer.wait(self._n, self._stop):
+            return None
+        capture_us = pacer.due_us(self._n)
         self._n += 1
         return capture_us
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()  # a read() racing with close() ends instead of failing
+        self._pacer = None
 
 
 class ToneSource(_PacedAudio):
@@ -89,9 +96,6 @@ class ToneSource(_PacedAudio):
         wave_ = np.sin(2 * np.pi * (start_cycle + self._cycle_steps)) * TONE_AMPLITUDE
         mono = np.round(wave_).astype("<i2")
         return np.repeat(mono, self._fmt.channels).tobytes()  # interleaved: L R L R ...
-
-    def close(self) -> None:
-        self._pacer = None
 
 
 class WavFileSource(_PacedAudio):
@@ -151,6 +155,7 @@ class WavFileSource(_PacedAudio):
         return data + silence * (fmt.chunk_bytes - len(data))
 
     def close(self) -> None:
+        super().close()
         with self._lock:
             if self._wav is not None:
                 self._wav.close()

@@ -78,16 +78,20 @@ class TestPatternSource:
         self._n = 0
 
     def read(self) -> CapturedFrame | None:
-        if self._scene is None or self._pacer is None:
-            raise DeviceError(f"{self.description} was read before open()")
-        if not self._pacer.wait(self._n, self._stop):
+        scene, pacer = self._scene, self._pacer  # close() may clear them meanwhile
+        if self._stop.is_set():
             return None
-        img = self._scene.render(self._n)
+        if scene is None or pacer is None:
+            raise DeviceError(f"{self.description} was read before open()")
+        if not pacer.wait(self._n, self._stop):
+            return None
+        img = scene.render(self._n)
         capture_us = monotonic_us()
         self._n += 1
         return CapturedFrame(capture_us=capture_us, data=encode_jpeg(img, self._fmt.quality))
 
     def close(self) -> None:
+        self._stop.set()
         self._scene = None
 
     def stop(self) -> None:
@@ -205,7 +209,7 @@ class CaptureSource:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # cv2 captures are not thread-safe: read() vs close()
         self._cap: VideoCaptureLike | None = None
-        self._closed = False
+        self._opened = self._closed = False
         self._pacer: Pacer | None = None  # files only
         self._rate_cap = _FrameRateCap(fmt.fps)  # live sources only
         self._n = 0
@@ -217,22 +221,22 @@ class CaptureSource:
         cap = self._open_capture()
         if cap is None:
             raise DeviceError(f"{self.description} cannot be opened{self._why_not_opened()}")
-        self._cap, self._closed = cap, False
+        self._cap, self._opened = cap, True
         if self._live:
             self._log_delivered(cap)
         else:
             self._pacer = Pacer(_file_rate(cap, self._fmt.fps))
 
     def read(self) -> CapturedFrame | None:
+        if not self._opened:
+            raise DeviceError(f"{self.description} was read before open()")
         return self._read_live() if self._live else self._read_file()
 
     def close(self) -> None:
         self._stop.set()  # a read() looping on reopen must not bring the device back
         with self._lock:
             self._closed = True
-            if self._cap is not None:
-                self._cap.release()
-                self._cap = None
+        self._release()
 
     def stop(self) -> None:
         self._stop.set()
@@ -251,12 +255,13 @@ class CaptureSource:
     def _rewind(self) -> Image | None:
         """The first frame again: seek to 0, or reopen if the container cannot seek."""
         with self._lock:
-            if self._cap is not None and self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            if self._cap is None:  # closed meanwhile
+                return None
+            if self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
                 ok, img = self._cap.read()
-                if ok:
-                    return _as_image(img)
-        self._release()
-        self._cap = self._open_capture()
+                if ok and (first := _as_image(img)) is not None:
+                    return first
+        self._replace_capture(self._open_capture())
         img = self._grab()
         if img is None:
             log.warning("%s has no frame to loop back to; the stream ends", self.description)
@@ -302,7 +307,7 @@ class CaptureSource:
     def _recovered(self) -> None:
         self._failures = 0
         if self._lost:
-            log.warning("%s is back", self.description)
+            log.info("%s is back", self.description)
             self._lost = False
             self._reopen_delay_s = REOPEN_FIRST_DELAY_S
 
@@ -311,17 +316,22 @@ class CaptureSource:
             return
         self._reopen_delay_s = min(self._reopen_delay_s * 2, REOPEN_MAX_DELAY_S)
         cap = self._open_capture()
-        with self._lock:
-            if cap is not None and self._closed:
-                cap.release()
-            elif cap is not None:
-                self._cap, self._failures = cap, 0
+        if cap is not None:
+            self._failures = 0
+            self._replace_capture(cap)
 
     def _release(self) -> None:
+        self._replace_capture(None)
+
+    def _replace_capture(self, cap: VideoCaptureLike | None) -> None:
+        """Swap the capture under the lock; once closed, a new one is released at once."""
         with self._lock:
             if self._cap is not None:
                 self._cap.release()
-                self._cap = None
+            if cap is not None and self._closed:
+                cap.release()
+                cap = None
+            self._cap = cap
 
     def _open_capture(self) -> VideoCaptureLike | None:
         try:
