@@ -1,0 +1,1 @@
+"""ALSA test configuration and helpers for real PyAudio without a sound card."""
