@@ -20,7 +20,7 @@ Byte layout (all integers big-endian)::
       2  n  sender id      ASCII [A-Za-z0-9._-], starting with a letter or digit
       .  1  t              token length, 32..128
       .  t  token          ASCII, never logged
-      .  1  flags          reserved, 0
+      .  1  flags          bit 0: probe (authenticate only, then goodbye: `avd check`)
       video format: width u16, height u16, fps u16, jpeg quality u8          (7 bytes)
       audio format: rate u32, channels u8, sample width u8, chunk frames u16 (8 bytes)
 
@@ -75,7 +75,8 @@ ACK_BODY = struct.Struct(">Q")
 VIDEO_FORMAT = struct.Struct(">HHHB")
 AUDIO_FORMAT = struct.Struct(">IBBH")
 
-FLAG_LATE = 0x01
+FLAG_LATE = 0x01  # media flags
+FLAG_PROBE = 0x01  # hello flags
 SENDER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TOKEN_MIN, TOKEN_MAX = 32, 128
 U32_MAX = 0xFFFF_FFFF
@@ -124,6 +125,7 @@ class Hello:
     format: MediaFormat
     token: bytes = field(repr=False)  # never shown: repr(Hello) omits it
     version: int = VERSION
+    probe: bool = False  # authenticate only: no stream starts, no session is replaced
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +218,7 @@ def encode_hello(hello: Hello) -> bytes:
             sender,
             bytes((len(hello.token),)),
             hello.token,
-            b"\x00",
+            bytes((FLAG_PROBE if hello.probe else 0,)),
             _encode_format(hello.format),
         )
     )
@@ -275,7 +277,8 @@ def _decode_hello(body: bytes) -> Hello:
         sender_raw = body[2 : 2 + n]
         t = body[2 + n]
         token = body[3 + n : 3 + n + t]
-        pos = 3 + n + t + 1  # skip the reserved flags byte
+        flags = body[3 + n + t]
+        pos = 3 + n + t + 1
         fmt_struct = VIDEO_FORMAT if kind is StreamKind.VIDEO else AUDIO_FORMAT
         values = fmt_struct.unpack_from(body, pos)
     except (IndexError, ValueError, struct.error) as exc:
@@ -288,7 +291,9 @@ def _decode_hello(body: bytes) -> Hello:
     if not TOKEN_MIN <= t <= TOKEN_MAX:
         raise RemoteProtocolError("malformed hello: token length out of range")
     fmt: MediaFormat = VideoFormat(*values) if kind is StreamKind.VIDEO else AudioFormat(*values)
-    return Hello(sender_id=sender_id, kind=kind, format=fmt, token=token)
+    return Hello(
+        sender_id=sender_id, kind=kind, format=fmt, token=token, probe=bool(flags & FLAG_PROBE)
+    )
 
 
 def _decode_goodbye(body: bytes) -> Goodbye:

@@ -126,10 +126,11 @@ class Session:
         self._next_seq = 0
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
         self._last_hb_sent_us = 0
+        self._claimed_id: str | None = None  # an authenticated probe's id, for the log
 
     @property
     def sender_id(self) -> str | None:
-        return self.info.sender_id if self.info else None
+        return self.info.sender_id if self.info else self._claimed_id
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -141,7 +142,10 @@ class Session:
                 reason = CloseReason.PEER_CLOSED
             elif not self._authenticate(hello):
                 reason = CloseReason.AUTH_FAILED
+            elif hello.probe:
+                reason = await self._answer_probe(hello)
             else:
+                self._open_stream(hello)
                 reason = await self._serve()
         except TimeoutError:
             reason = CloseReason.TIMEOUT
@@ -210,7 +214,11 @@ class Session:
         if problem is None:
             problem = format_problem(hello)
         if problem is None:
-            self._accept(hello)
+            max_payload = self.ctx.limits.media_payload(hello.kind)
+            heartbeat_ms = int(self.ctx.heartbeat_s * 1000)
+            self._write(
+                self.conn.send(protocol.Welcome(self.session_id, heartbeat_ms, max_payload))
+            )
             return True
         self._write(self.conn.send(protocol.Refused()))
         if token_ok:
@@ -223,7 +231,22 @@ class Session:
             self.ctx.metrics.auth_failures.inc()
         return False
 
-    def _accept(self, hello: Hello) -> None:
+    async def _answer_probe(self, hello: Hello) -> CloseReason:
+        """``avd check``: authenticated and welcomed, nothing else; it says goodbye next."""
+        self._claimed_id = hello.sender_id
+        log.info("%s passed an authentication probe from %s", hello.sender_id, self.peer)
+        try:
+            async with asyncio.timeout(self.ctx.heartbeat_s * 3):
+                while True:
+                    event = self.conn.next_event()
+                    if isinstance(event, protocol.Goodbye | protocol.ConnectionClosed):
+                        return CloseReason.BYE
+                    if event is None:
+                        self.conn.receive_data(await self.reader.read(4096))
+        except TimeoutError:
+            return CloseReason.TIMEOUT
+
+    def _open_stream(self, hello: Hello) -> None:
         self.info = StreamInfo(
             sender_id=hello.sender_id,
             kind=hello.kind,
@@ -231,9 +254,6 @@ class Session:
             peer=self.peer,
             session_id=self.session_id,
         )
-        max_payload = self.ctx.limits.media_payload(hello.kind)
-        welcome = protocol.Welcome(self.session_id, int(self.ctx.heartbeat_s * 1000), max_payload)
-        self._write(self.conn.send(welcome))
         self.ctx.register(self)
         self.ctx.metrics.connections_active.labels(stream=hello.kind.label).inc()
         self.ctx.sink.stream_started(self.info)
