@@ -1,0 +1,282 @@
+"""``avd check sender|receiver [--env-file F]``: is this daemon's configuration sound?
+
+For operators, before (or instead of) reading logs: it validates the role's settings,
+files and their permissions, the certificates' expiry, and, for a sender, that it can reach
+the receiver and authenticate (TLS handshake and a probe hello, which the receiver answers
+without starting a stream or disturbing a running sender of the same id). Each problem is
+one line with its remedy. Exit status: 0 when all is well, 1 when anything is wrong
+(2 when there are only warnings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avd import protocol
+from avd.certs import seconds_until_expiry
+from avd.clock import monotonic_us
+from avd.config import (
+    CommonSettings,
+    ReceiverSettings,
+    SenderSettings,
+    credentials_directory,
+    load_settings,
+)
+from avd.errors import AvdError, ConfigError
+from avd.media.base import StreamKind
+from avd.protocol import Role
+from avd.tls import key_permission_problems, receiver_context, sender_context
+from avd.tokens import TokenStore, read_sender_token
+
+EXPIRY_WARNING_DAYS = 30
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    errors: int = 0
+    warnings: int = 0
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"ok       {text}")
+
+    def warn(self, text: str, remedy: str) -> None:
+        self.warnings += 1
+        self.lines.append(f"WARNING  {text} -> {remedy}")
+
+    def error(self, text: str, remedy: str) -> None:
+        self.errors += 1
+        self.lines.append(f"ERROR    {text} -> {remedy}")
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 2 if self.warnings else 0
+
+
+def check_certificate(report: Report, path: Path, variable: str) -> None:
+    try:
+        days = seconds_until_expiry(path) / 86400
+    except AvdError as exc:
+        report.error(f"{variable}: {exc}", "point it at a PEM certificate")
+        return
+    if days <= 0:
+        report.error(
+            f"{variable}: {path} expired {-days:.0f} days ago", "renew it (avd certs init)"
+        )
+    elif days < EXPIRY_WARNING_DAYS:
+        report.warn(f"{variable}: {path} expires in {days:.0f} days", "renew it soon")
+    else:
+        report.ok(f"{variable}: {path} valid for {days:.0f} more days")
+
+
+def check_key(report: Report, path: Path | None, variable: str) -> None:
+    if path is None:
+        return
+    problems = key_permission_problems(path)
+    for problem in problems:
+        report.warn(f"{variable}: {problem}", f"chmod 600 {path}")
+    if not problems:
+        report.ok(f"{variable}: {path} is private")
+
+
+def check_receiver(settings: ReceiverSettings, report: Report) -> None:
+    try:
+        receiver_context(
+            cert=settings.tls_cert,
+            key=settings.tls_key,
+            client_ca=settings.tls_client_ca,
+            allow_tls12=settings.allow_tls12,
+        )
+        report.ok("TLS certificate and key load and match")
+    except ConfigError as exc:
+        report.error(str(exc), "fix the file or the variable")
+    check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
+    check_key(report, settings.tls_key, "AVD_TLS_KEY")
+    try:
+        store = TokenStore.load(settings.tokens_file)
+        if len(store):
+            report.ok(
+                f"AVD_TOKENS_FILE: {len(store)} sender(s): {', '.join(sorted(store.sender_ids()))}"
+            )
+        else:
+            report.warn("AVD_TOKENS_FILE: no senders", "add one with: avd token new --sender-id ID")
+    except ConfigError as exc:
+        report.error(str(exc), "fix that line")
+    if settings.record_dir is not None:
+        check_record_dir(report, settings)
+
+
+def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
+    folder = settings.record_dir
+    assert folder is not None
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        report.error(f"AVD_RECORD_DIR: {folder} is not writable", "fix its owner or permissions")
+        return
+    free_gb = shutil.disk_usage(existing).free / 1024**3
+    floor = settings.min_free_gb or 0
+    if free_gb < floor:
+        report.warn(
+            f"AVD_RECORD_DIR: {free_gb:.1f} GB free, under AVD_MIN_FREE_GB={floor}",
+            "free space; retention will delete the oldest segments",
+        )
+    else:
+        report.ok(f"AVD_RECORD_DIR: {folder} writable, {free_gb:.1f} GB free")
+
+
+def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> None:
+    try:
+        token = read_sender_token(
+            token_file=settings.token_file,
+            credentials_directory=credentials_directory(),
+            token_env=settings.token.get_secret_value() if settings.token else None,
+        )
+        report.ok("token found")
+    except ConfigError as exc:
+        report.error(str(exc), "give the sender its token")
+        return
+    try:
+        context = sender_context(
+            ca=settings.tls_ca,
+            cert=settings.tls_cert,
+            key=settings.tls_key,
+            allow_tls12=settings.allow_tls12,
+        )
+    except ConfigError as exc:
+        report.error(str(exc), "fix the file or the variable")
+        return
+    check_certificate(report, settings.tls_ca, "AVD_TLS_CA")
+    if settings.tls_cert is not None:
+        check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
+    check_key(report, settings.tls_key, "AVD_TLS_KEY")
+    kind = StreamKind.AUDIO if settings.video_source == "none" else StreamKind.VIDEO
+    asyncio.run(
+        probe_receiver(
+            settings,
+            context=context,
+            token=token.as_bytes(),
+            kind=kind,
+            report=report,
+            timeout_s=timeout_s,
+        )
+    )
+
+
+async def probe_receiver(
+    settings: SenderSettings,
+    *,
+    context: ssl.SSLContext,
+    token: bytes,
+    kind: StreamKind,
+    report: Report,
+    timeout_s: float,
+) -> None:
+    port = settings.video_port if kind is StreamKind.VIDEO else settings.audio_port
+    where = f"{settings.receiver_host}:{port}"
+    started = monotonic_us()
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(
+                settings.receiver_host, port, ssl=context, server_hostname=settings.server_name
+            )
+    except (OSError, TimeoutError) as exc:
+        report.error(f"cannot reach the receiver at {where}: {_reason(exc)}", _network_remedy(exc))
+        return
+    handshake_ms = (monotonic_us() - started) / 1000
+    version = writer.get_extra_info("ssl_object").version()
+    report.ok(f"TLS with {where}: {version}, certificate verified, {handshake_ms:.0f} ms")
+    fmt = settings.video_format if kind is StreamKind.VIDEO else settings.audio_format
+    conn = protocol.Connection(Role.SENDER)
+    hello = protocol.Hello(settings.sender_id, kind, fmt, token, probe=True)
+    try:
+        writer.write(conn.send(hello))
+        async with asyncio.timeout(timeout_s):
+            answer = await _first_answer(reader, conn)
+        if isinstance(answer, protocol.Welcome):
+            report.ok(f"the receiver accepted sender {settings.sender_id!r} and its token")
+            writer.write(conn.send(protocol.Goodbye(protocol.GoodbyeReason.BYE, "avd check")))
+        else:
+            report.error(
+                f"the receiver refused sender {settings.sender_id!r}",
+                "check AVD_SENDER_ID and that the receiver's tokens file has this token's hash",
+            )
+    except (OSError, TimeoutError, AvdError) as exc:
+        report.error(
+            f"no answer to the hello from {where}: {_reason(exc)}", "check the receiver's log"
+        )
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def _first_answer(reader: asyncio.StreamReader, conn: protocol.Connection) -> protocol.Event:
+    while True:
+        event = conn.next_event()
+        if isinstance(event, protocol.Welcome | protocol.Refused | protocol.Goodbye):
+            return event
+        if isinstance(event, protocol.ConnectionClosed):
+            raise ConnectionResetError("the receiver closed the connection")
+        if event is None:
+            conn.receive_data(await reader.read(4096))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})"
+    return str(exc) or type(exc).__name__
+
+
+def _network_remedy(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "AVD_TLS_CA must be the CA that signed the receiver's certificate; check the name"
+    if isinstance(exc, ConnectionRefusedError):
+        return "is avd-receiver running, and are AVD_RECEIVER_HOST and the ports right?"
+    return "check AVD_RECEIVER_HOST, the ports and the firewall"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="avd check", description=__doc__.splitlines()[0] if __doc__ else ""
+    )
+    parser.add_argument("role", choices=["sender", "receiver"])
+    parser.add_argument("--env-file", type=Path, help="read AVD_* settings from this file")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds for network steps (5)")
+    args = parser.parse_args(argv)
+    report = Report()
+    cls: type[CommonSettings] = SenderSettings if args.role == "sender" else ReceiverSettings
+    try:
+        settings = load_settings(cls, args.env_file)
+    except ConfigError as exc:
+        for problem in str(exc).split("; "):
+            report.error(problem, "fix this setting (see config.example.env)")
+    else:
+        report.ok(f"settings of avd-{args.role} are valid")
+        if isinstance(settings, ReceiverSettings):
+            check_receiver(settings, report)
+        else:
+            assert isinstance(settings, SenderSettings)
+            check_sender(settings, report, args.timeout)
+    print("\n".join(report.lines))
+    verdict = (
+        "all is well"
+        if report.exit_code == 0
+        else f"{report.errors} error(s), {report.warnings} warning(s)"
+    )
+    print(f"avd check {args.role}: {verdict}")
+    return report.exit_code
