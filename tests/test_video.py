@@ -3,7 +3,9 @@ the camera reopen logic against a scripted fake capture (no camera exists on thi
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from fractions import Fraction
@@ -276,6 +278,7 @@ class FakeWorld:
     def __init__(self, size: tuple[int, int] = (320, 240)) -> None:
         self.present = True
         self.opens_when_absent = False
+        self.stalled = False
         self.size = size
         self.opens: list[float] = []
         self.reads = 0
@@ -294,6 +297,9 @@ class FakeCapture:
 
     def read(self) -> tuple[bool, Any]:
         self.world.reads += 1
+        if self.world.stalled:  # a stream whose server stopped sending: each read times out
+            time.sleep(0.1)
+            return False, None
         if not (self.opened and self.world.present):
             return False, None  # at once, as for a device that vanished
         time.sleep(0.005)  # a device blocks until its next frame
@@ -318,6 +324,7 @@ def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(video, "REOPEN_FIRST_DELAY_S", 0.05)
     monkeypatch.setattr(video, "REOPEN_MAX_DELAY_S", 0.2)
     monkeypatch.setattr(video, "FAILED_READ_PAUSE_S", 0.01)
+    monkeypatch.setattr(video, "STALL_LIMIT_S", 0.35)
 
 
 def fake_camera(world: FakeWorld, spec: str = "rtsp://cam.invalid/live") -> CaptureSource:
@@ -433,6 +440,23 @@ def test_a_short_glitch_is_ridden_out_without_a_reopen(caplog: pytest.LogCapture
     assert state_lines(caplog) == []
 
 
+@pytest.mark.usefixtures("quick_backoff")
+def test_a_stalled_stream_is_given_up_by_time(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="avd.media.video")
+    world = FakeWorld()
+    source = fake_camera(world)
+    assert source.read() is not None
+    world.stalled = True
+    reader, results = read_in_thread(source)
+    wait_until(lambda: len(world.opens) >= 2)
+    world.stalled = False
+    reader.join(timeout=5)
+    assert results[0] is not None
+    (lost,) = state_lines(caplog)
+    failures = int(lost.split(" after ")[1].split()[0])
+    assert 3 <= failures <= 5  # 0.35 s of 0.1 s timeouts, not 10 of them
+
+
 def test_stop_unblocks_a_read_waiting_for_a_lost_camera() -> None:
     world = FakeWorld()
     source = fake_camera(world)  # real backoff: the first reopen is 0.5 s after the loss
@@ -500,3 +524,78 @@ def test_reading_before_open_is_an_error_and_after_close_the_end() -> None:
     pattern.open()
     pattern.close()
     assert pattern.read() is None
+
+
+# --- a real stream: MJPEG over HTTP on loopback, read by OpenCV's FFmpeg backend --------------
+
+
+class MjpegServer:
+    """multipart/x-mixed-replace JPEGs at 25 fps, as IP cameras serve them; can be killed
+    and brought back on the same port."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._clients: list[socket.socket] = []
+        self._up = threading.Event()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self.port, self._listener = listener.getsockname()[1], listener
+        self._up.set()
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def kill(self) -> None:
+        self._up.clear()
+        for sock in [self._listener, *self._clients]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self._clients.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                self._clients.append(client)
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        _, jpeg = cv2.imencode(".jpg", np.full((120, 160, 3), 200, np.uint8))
+        part = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg)
+        with contextlib.suppress(OSError):
+            client.recv(4096)
+            client.sendall(b"HTTP/1.0 200 OK\r\n")
+            client.sendall(b"Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n")
+            while self._up.is_set():
+                client.sendall(part + bytes(jpeg) + b"\r\n")
+                time.sleep(0.04)
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_a_real_http_stream_is_lost_and_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="avd.media.video")
+    server = MjpegServer()
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/video"
+    source = CaptureSource(url, VideoFormat(320, 240, 10, 70))
+    source.open()
+    try:
+        frames = [source.read() for _ in range(3)]
+        assert [decode(f).shape for f in frames if f is not None] == [(240, 320, 3)] * 3
+        server.kill()
+        reader, results = read_in_thread(source)
+        wait_until(lambda: any("lost" in line for line in state_lines(caplog)))
+        time.sleep(0.3)  # a few refused reconnects
+        server.start()
+        reader.join(timeout=10)
+        assert results[0] is not None
+        assert jpeg_dimensions(results[0].data) == (320, 240)
+    finally:
+        source.close()
+        server.kill()
+    assert [line.split(" ")[2] for line in state_lines(caplog)] == ["delivers", "lost", "is"]

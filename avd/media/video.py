@@ -15,6 +15,7 @@ most).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import urllib.parse
@@ -39,6 +40,11 @@ FAILURES_BEFORE_REOPEN = 10
 # Between failed reads: a vanished device fails at once, and 10 failures spread over 0.5 s
 # let a glitch pass without the cost of a reopen.
 FAILED_READ_PAUSE_S = 0.05
+# A stream that stalls fails each read only after its read timeout: give up on it after this
+# long without a frame, rather than after 10 timeouts.
+STALL_LIMIT_S = 5.0
+STREAM_OPEN_TIMEOUT_MS = 5000  # FFmpeg's own defaults wait far longer on a dead server
+STREAM_READ_TIMEOUT_MS = 2000
 REOPEN_FIRST_DELAY_S = 0.5
 REOPEN_MAX_DELAY_S = 10.0
 MAX_FILE_FPS = 240.0  # above this a file's CAP_PROP_FPS is junk (some containers say 1000)
@@ -117,9 +123,9 @@ class _Scene:
 
     def render(self, n: int) -> Image:
         w, h, s, frame = self.width, self.height, self.scale, self.frame
-        pan = int(self.PAN / 2 * (1 + np.sin(n / (8 * self.fps))))
+        pan = int(self.PAN / 2 * (1 + math.sin(n / (8 * self.fps))))
         np.copyto(frame, self.background[:, pan : pan + w])
-        ball = (int(w / 2 + w / 3 * np.sin(n / 25)), int(h / 2 + h / 3 * np.cos(n / 31)))
+        ball = (int(w / 2 + w / 3 * math.sin(n / 25)), int(h / 2 + h / 3 * math.cos(n / 31)))
         cv2.circle(frame, ball, int(45 * s), (40, 200, 230), -1, cv2.LINE_AA)
         x = n * 4 % (w + 120) - 120
         cv2.rectangle(
@@ -174,6 +180,10 @@ def cv2_capture(target: int | str) -> VideoCaptureLike:
     """The real capture: a camera index, or a path or URL for OpenCV's FFmpeg/V4L2 backends."""
     if isinstance(target, int):  # two overloads in OpenCV's stubs, one per argument type
         return cv2.VideoCapture(target)
+    if "://" in target:  # bounded waits, so that a dead server is noticed and stop() is heard
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_OPEN_TIMEOUT_MS]
+        timeouts += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_READ_TIMEOUT_MS]
+        return cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
     return cv2.VideoCapture(target)
 
 
@@ -188,8 +198,10 @@ class CaptureSource:
     Files are paced at their own rate (``CAP_PROP_FPS``, else ``fmt.fps``) and end (``None``)
     or, with ``loop``, start again. Cameras and streams are paced by the device, but never
     faster than ``fmt.fps`` (extra frames are dropped); after ``FAILURES_BEFORE_REOPEN``
-    failed reads, or at once if the device node vanished, they are released and reopened
-    with a backoff doubling from 0.5 s to 10 s while ``read()`` keeps blocking.
+    failed reads, ``STALL_LIMIT_S`` without a frame, or at once if the device node vanished,
+    they are released and reopened with a backoff doubling from 0.5 s to 10 s while
+    ``read()`` keeps blocking. ``stop()`` is heard within one device read (a frame period;
+    at most ``STREAM_READ_TIMEOUT_MS`` for a stalled stream).
     """
 
     kind = StreamKind.VIDEO
@@ -214,6 +226,7 @@ class CaptureSource:
         self._rate_cap = _FrameRateCap(fmt.fps)  # live sources only
         self._n = 0
         self._failures = 0
+        self._last_frame_us = 0
         self._lost = False
         self._reopen_delay_s = REOPEN_FIRST_DELAY_S
 
@@ -221,7 +234,7 @@ class CaptureSource:
         cap = self._open_capture()
         if cap is None:
             raise DeviceError(f"{self.description} cannot be opened{self._why_not_opened()}")
-        self._cap, self._opened = cap, True
+        self._cap, self._opened, self._last_frame_us = cap, True, monotonic_us()
         if self._live:
             self._log_delivered(cap)
         else:
@@ -291,7 +304,8 @@ class CaptureSource:
 
     def _failed_read(self) -> None:
         self._failures += 1
-        if self._failures >= FAILURES_BEFORE_REOPEN or self._device_vanished():
+        stalled = monotonic_us() - self._last_frame_us > STALL_LIMIT_S * 1_000_000
+        if self._failures >= FAILURES_BEFORE_REOPEN or stalled or self._device_vanished():
             self._lose()
         else:
             self._stop.wait(FAILED_READ_PAUSE_S)  # never spin on a read that fails at once
@@ -305,7 +319,7 @@ class CaptureSource:
             self._lost = True
 
     def _recovered(self) -> None:
-        self._failures = 0
+        self._failures, self._last_frame_us = 0, monotonic_us()
         if self._lost:
             log.info("%s is back", self.description)
             self._lost = False
@@ -317,7 +331,7 @@ class CaptureSource:
         self._reopen_delay_s = min(self._reopen_delay_s * 2, REOPEN_MAX_DELAY_S)
         cap = self._open_capture()
         if cap is not None:
-            self._failures = 0
+            self._failures, self._last_frame_us = 0, monotonic_us()
             self._replace_capture(cap)
 
     def _release(self) -> None:
