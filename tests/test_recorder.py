@@ -227,6 +227,24 @@ def test_unusable_sender_id_is_not_recorded(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*")) == []
 
 
+def test_an_unrecordable_format_is_refused_with_one_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="avd.media")
+    recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.05)
+    audio = StreamInfo("cam1", StreamKind.AUDIO, AudioFormat(44100, 1, 4, 1024), "peer", 1)
+    recorder.stream_started(audio)
+    for i in range(5):
+        recorder.frame(audio, received(i, BASE_US + i * 23_220, bytes(4096)))
+    recorder.close()
+    assert recorder.stats()["cam1"].not_recorded == 5
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("not recording cam1: ")
+    assert "16-bit" in errors[0]
+    assert segments(tmp_path) == []
+
+
 def test_latest_jpeg_follows_the_video_at_most_once_a_second(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path, retention=NO_RETENTION)
     latest = tmp_path / "cam1" / "latest.jpg"

@@ -194,7 +194,7 @@ def test_unsupported_audio_is_refused_before_a_file_exists(tmp_path: Path) -> No
     path = tmp_path / "s.mkv"
     with pytest.raises(ValueError, match="16-bit"):
         SegmentWriter(
-            path, sender_id="c", start_us=0, video=None, audio=AudioFormat(8000, 6, 2, 160)
+            path, sender_id="c", start_us=0, video=None, audio=AudioFormat(8000, 9, 2, 160)
         )
     assert not path.exists()
 

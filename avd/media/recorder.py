@@ -180,6 +180,7 @@ class _SenderRecording:
         self._retry_at: float | None = None  # set while paused
         self._paused_at = 0.0
         self._not_recorded_at_pause = 0
+        self._refused = False  # a format was refused: logged once
 
     def started(self, info: StreamInfo, now: float) -> None:
         self._active[info.kind] = info
@@ -236,6 +237,10 @@ class _SenderRecording:
         except OSError as exc:
             self.stats.not_recorded += 1
             self._pause(exc, now)
+            return
+        except ValueError as exc:  # a format no segment can hold; the sender is told nothing
+            self.stats.not_recorded += 1
+            self._refuse(exc)
             return
         if self._retry_at is not None:
             self._resume(now)
@@ -308,6 +313,11 @@ class _SenderRecording:
             exc.strerror or exc,
             self._settings.retry_seconds,
         )
+
+    def _refuse(self, exc: ValueError) -> None:
+        if not self._refused:
+            self._refused = True
+            log.error("not recording %s: %s", self.sender_id, exc)
 
     def _resume(self, now: float) -> None:
         self._retry_at = None

@@ -36,7 +36,8 @@ MATROSKA_TIME_BASE = Fraction(1, 1000)  # Matroska's default TimestampScale is 1
 _MUXER_OPTIONS = {"flush_packets": "1", "max_interleave_delta": "1"}
 _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NAME = re.compile(r"(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-\d+)?\.mkv")
-_LAYOUTS = {1: "mono", 2: "stereo"}
+# FFmpeg's default layout for each channel count; Matroska itself stores only the count.
+_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ class SegmentWriter:
         self.path, self.sender_id, self.start_us = path, sender_id, start_us
         self.video_format, self.audio_format = video, audio
         if audio is not None and (audio.sample_width != 2 or audio.channels not in _LAYOUTS):
-            raise ValueError(f"segment {path}: only 16-bit mono or stereo PCM is recorded")
+            raise ValueError(f"segment {path}: only 16-bit PCM with 1 to 8 channels is recorded")
         self.video_frames = self.audio_chunks = self.bytes = 0
         self.end_us = start_us
         path.parent.mkdir(parents=True, exist_ok=True)
