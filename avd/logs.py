@@ -346,6 +346,11 @@ def resolve_format(log_format: str, env: Mapping[str, str]) -> str:
     return "journal" if stderr_is_journal(env) else "text"
 
 
+def syslog_identifier(role: str) -> str:
+    """``sender`` -> ``avd-sender`` (a role already named ``avd-...`` is kept as it is)."""
+    return role if role.startswith("avd-") else f"avd-{role}"
+
+
 def _parse_level(level: str) -> int:
     levelno = logging.getLevelNamesMapping().get(level.upper())
     if levelno is None:
@@ -364,7 +369,7 @@ def make_handler(
     """The handler ``setup_logging`` installs, exposed so tests can inject a socket path."""
     chosen = resolve_format(log_format, env)
     if chosen == "journal":
-        return JournalHandler(f"avd-{role}", socket_path=journal_socket, fallback=stream)
+        return JournalHandler(syslog_identifier(role), socket_path=journal_socket, fallback=stream)
     handler = logging.StreamHandler(stream or sys.stderr)
     if chosen == "json":
         handler.setFormatter(JsonFormatter())

@@ -297,6 +297,14 @@ def test_journal_datagram_fields(journal_socket: tuple[socket.socket, str]) -> N
     assert "EXCEPTION" not in fields
 
 
+@pytest.mark.parametrize("role", ["receiver", "avd-receiver"])
+def test_journal_identifier_from_role(journal_socket: tuple[socket.socket, str], role: str) -> None:
+    sock, path = journal_socket
+    setup_logging(role=role, log_format="journal", journal_socket=path)
+    logging.getLogger("avd.x").info("hi")
+    assert receive(sock)["SYSLOG_IDENTIFIER"] == "avd-receiver"
+
+
 def test_journal_priorities(journal_socket: tuple[socket.socket, str]) -> None:
     sock, path = journal_socket
     setup_logging(role="sender", log_format="journal", level="DEBUG", journal_socket=path)
