@@ -138,6 +138,9 @@ def test_segments_roll_and_every_frame_lands_in_exactly_one(
     for packets in stored:
         pts = [pts for _, pts, _ in packets]
         assert pts == sorted(pts), "video and audio interleaved in capture order"
+        video_seconds = sum(kind == "video" for kind, _, _ in packets) / 20
+        audio_seconds = sum(kind == "audio" for kind, _, _ in packets) * 1024 / 44100
+        assert abs(video_seconds - audio_seconds) < 0.1, "tracks of a segment agree"
     stats = recorder.stats()["cam1"]
     assert (stats.video_frames, stats.audio_chunks) == (len(frames), len(chunks))
     assert stats.segments_opened == 5

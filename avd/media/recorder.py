@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from avd.clock import monotonic_us
 from avd.media.base import AudioFormat, MediaFormat, ReceivedFrame, StreamInfo, StreamKind
@@ -47,6 +48,7 @@ from avd.media.segment import ClosedSegment, SegmentWriter, check_path_component
 log = logging.getLogger(__name__)
 
 _TICK_SECONDS = 0.1  # how often an idle writer releases held frames and does timed work
+_CLOSE_TIMEOUT = 30.0  # seconds close() waits for the writer (a hung NFS mount, say)
 _CLOCK_JUMP_US = 10_000_000  # a frame this far before its segment: the sender's clock reset
 
 
@@ -67,7 +69,7 @@ class RecorderStats:
 
 @dataclass(frozen=True, slots=True)
 class _Event:
-    kind: str  # "start", "frame", "end", "stop"
+    kind: Literal["start", "frame", "end", "stop"]
     info: StreamInfo | None = None
     frame: ReceivedFrame | None = None
 
@@ -355,8 +357,10 @@ class Recorder:
         latest_seconds: float = 1.0,
         on_segment_closed: Callable[[ClosedSegment], None] | None = None,
     ) -> None:
-        if segment_seconds <= 0 or queue_frames < 1:
-            raise ValueError("segment_seconds must be > 0 and queue_frames >= 1")
+        if segment_seconds <= 0:
+            raise ValueError(f"segment_seconds must be positive, got {segment_seconds}")
+        if queue_frames < 1:
+            raise ValueError(f"queue_frames must be at least 1, got {queue_frames}")
         self.record_dir = record_dir
         self._retention = retention
         self._retention_seconds = retention_seconds
@@ -400,13 +404,21 @@ class Recorder:
         self._queue.put(_Event("end", info))
 
     def close(self) -> None:
-        """Write out what is queued, close every segment and stop the writer thread."""
+        """Write out what is queued, close every segment and stop the writer thread.
+
+        Unlike the other sink methods this waits for the disk (usually milliseconds): call
+        it at shutdown, or through ``asyncio.to_thread`` from a loop that must stay live.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._queue.put(_Event("stop"))
-        self._thread.join()
+        self._thread.join(_CLOSE_TIMEOUT)
+        if self._thread.is_alive():
+            log.warning(
+                "recorder: writes to %s still blocked after %g s", self.record_dir, _CLOSE_TIMEOUT
+            )
 
     # --- introspection, from any thread ----------------------------------------------------
 
@@ -455,6 +467,9 @@ class Recorder:
             log.exception("recorder: unexpected error in %s", what)
 
     def _handle(self, event: _Event) -> None:
+        if event.kind == "frame":
+            with self._lock:
+                self._queued_frames -= 1
         assert event.info is not None
         info, now = event.info, time.monotonic()
         sender = self._sender(info.sender_id)
@@ -463,8 +478,6 @@ class Recorder:
         elif event.kind == "end":
             sender.ended(info, now)
         elif event.frame is not None:
-            with self._lock:
-                self._queued_frames -= 1
             if info.kind is StreamKind.VIDEO and sender.usable and not event.frame.late:
                 self._latest.offer(info.sender_id, event.frame.data)
             sender.frame(info, event.frame, now)
