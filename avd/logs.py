@@ -36,8 +36,9 @@ _SEND_TIMEOUT_S = 1.0
 _HANDLER_NAME = "avd"
 _EVENT_ATTR = "avd_event"
 _FIELDS_ATTR = "avd_fields"
-# Lowercase python names whose uppercase form is a valid journald field name.
-_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+# Lowercase python names whose uppercase form is a valid journald field name (journald
+# drops names with lowercase letters, a leading "_" or digit, or over 64 characters).
+_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 # Names the handlers write themselves; a structured field must not shadow them.
 _RESERVED_FIELDS = frozenset(
     {"message", "message_id", "priority", "syslog_identifier", "code_file", "code_line"}

@@ -249,7 +249,17 @@ def test_no_priority_prefixes_outside_systemd() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["token", "auth_token", "TokenHash", "bearer_token_id", "Peer", "1st", "_peer", "message"],
+    [
+        "token",
+        "auth_token",
+        "TokenHash",
+        "bearer_token_id",
+        "Peer",
+        "1st",
+        "_peer",
+        "message",
+        "x" * 65,
+    ],
 )
 def test_bad_field_names_are_refused(name: str) -> None:
     logger = logging.getLogger("avd.refused")
