@@ -202,6 +202,25 @@ def test_video_and_spooled_audio_are_not_played(
     assert sink.late == 3
 
 
+def test_chunks_of_partial_frames_or_oversized_are_rejected(
+    alsa: AlsaDevices, sinks: list[SpeakerSink]
+) -> None:
+    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+    info = audio("cam1")
+    pattern = ramp(FMT.chunk * N)
+    sink.stream_started(info)
+    bad = [b"\x01\x02\x03", ramp(FMT.chunk + 1, negative=True), b""]
+    for seq, chunk in enumerate(bad):
+        sink.frame(info, ReceivedFrame(seq, 0, 0, None, chunk))
+    short_last = chunks(pattern)
+    short_last[-1] = short_last[-1][:100]  # a shorter last chunk (end of a WAV) is fine
+    send(sink, info, short_last, first_seq=len(bad))
+    sink.stream_ended(info)
+    wait_played_out(sink, N)
+    assert sink.rejected == len(bad)
+    assert nonzero_samples(alsa.played()) == b"".join(short_last)
+
+
 def test_a_clockless_device_is_played_at_real_time(
     alsa: AlsaDevices, sinks: list[SpeakerSink]
 ) -> None:

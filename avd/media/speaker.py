@@ -50,6 +50,13 @@ def silence_for(fmt: AudioFormat) -> bytes:
     return (b"\x80" if fmt.sample_width == 1 else b"\x00") * fmt.chunk_bytes
 
 
+def _fits(data: bytes, fmt: AudioFormat) -> bool:
+    """Whole frames, at most one chunk: a bigger one would hold a playback slot for longer
+    than a period and throw the jitter buffer's timing off."""
+    frame_bytes = fmt.channels * fmt.sample_width
+    return 0 < len(data) <= fmt.chunk_bytes and len(data) % frame_bytes == 0
+
+
 class SpeakerSink:
     """A MediaSink that plays one sender's audio on a PyAudio output device."""
 
@@ -78,6 +85,7 @@ class SpeakerSink:
         self._queue: deque[_Playback] = deque()  # what the thread plays, in order
         self._done = JitterStats()  # counters of the streams already played out
         self._late_spooled_done = 0
+        self._rejected = 0  # chunks of partial frames or over the announced chunk size
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="avd-speaker", daemon=True)
         self._thread.start()
@@ -100,8 +108,10 @@ class SpeakerSink:
             if frame.late:  # old audio replayed after an outage has no place in live sound
                 playback.late_spooled += 1
                 return
+            if not _fits(frame.data, playback.fmt):
+                self._rejected += 1
+                return
             playback.buffer.put(frame.seq, frame.data)
-            self._cond.notify()
 
     def stream_ended(self, info: StreamInfo) -> None:
         with self._cond:
@@ -149,6 +159,12 @@ class SpeakerSink:
             return bool(self._queue)
 
     @property
+    def rejected(self) -> int:
+        """Chunks dropped for not being whole frames or for exceeding the chunk size."""
+        with self._cond:
+            return self._rejected
+
+    @property
     def played(self) -> int:
         return self.stats().played
 
@@ -180,6 +196,7 @@ class SpeakerSink:
         )
         self._current = _Playback(info, fmt, buffer)
         self._queue.append(self._current)
+        self._cond.notify_all()
         log.info(
             "speaker: playing sender %s (%s), %d Hz, %d channel(s)",
             info.sender_id,
