@@ -221,6 +221,26 @@ def test_chunks_of_partial_frames_or_oversized_are_rejected(
     assert nonzero_samples(alsa.played()) == b"".join(short_last)
 
 
+def test_a_format_the_device_refuses_is_logged_and_the_next_stream_plays(
+    alsa: AlsaDevices, sinks: list[SpeakerSink], caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+    too_wide = AudioFormat(rate=44100, channels=200, sample_width=2, chunk=64)  # 128 at most
+    refused = audio("cam1", too_wide)
+    sink.stream_started(refused)
+    wait_until(lambda: "cannot play 44100 Hz, 200 channel(s)" in caplog.text)
+    assert "speaker 'default'" in caplog.text
+    send(sink, refused, [bytes(too_wide.chunk_bytes)] * 3)  # dropped, no error
+    sink.stream_ended(refused)
+    good = audio("cam2")
+    pattern = ramp(FMT.chunk * N)
+    sink.stream_started(good)
+    send(sink, good, chunks(pattern))
+    sink.stream_ended(good)
+    wait_played_out(sink, N)
+    assert nonzero_samples(alsa.played()) == pattern
+
+
 def test_a_clockless_device_is_played_at_real_time(
     alsa: AlsaDevices, sinks: list[SpeakerSink]
 ) -> None:

@@ -41,7 +41,6 @@ class _Playback:
     info: StreamInfo
     fmt: AudioFormat
     buffer: JitterBuffer
-    late_spooled: int = 0  # frames the sender replayed from its spool after an outage
     failed: bool = False  # the output could not be opened: frames are dropped
 
 
@@ -51,8 +50,11 @@ def silence_for(fmt: AudioFormat) -> bytes:
 
 
 def _fits(data: bytes, fmt: AudioFormat) -> bool:
-    """Whole frames, at most one chunk: a bigger one would hold a playback slot for longer
-    than a period and throw the jitter buffer's timing off."""
+    """Whole frames, at most one chunk.
+
+    A bigger chunk would hold one playback slot for more than a period and throw the jitter
+    buffer's timing off.
+    """
     frame_bytes = fmt.channels * fmt.sample_width
     return 0 < len(data) <= fmt.chunk_bytes and len(data) % frame_bytes == 0
 
@@ -84,7 +86,7 @@ class SpeakerSink:
         self._current: _Playback | None = None  # the stream whose frames are taken
         self._queue: deque[_Playback] = deque()  # what the thread plays, in order
         self._done = JitterStats()  # counters of the streams already played out
-        self._late_spooled_done = 0
+        self._spooled = 0  # chunks a sender replayed from its spool after an outage
         self._rejected = 0  # chunks of partial frames or over the announced chunk size
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="avd-speaker", daemon=True)
@@ -106,7 +108,7 @@ class SpeakerSink:
             if playback is None or playback.info != info or playback.failed:
                 return
             if frame.late:  # old audio replayed after an outage has no place in live sound
-                playback.late_spooled += 1
+                self._spooled += 1
                 return
             if not _fits(frame.data, playback.fmt):
                 self._rejected += 1
@@ -125,7 +127,6 @@ class SpeakerSink:
             log.info("speaker: sender %s stopped (%s)", info.sender_id, info.peer)
             if self._running:
                 self._take(self._running[0])
-            self._cond.notify()
 
     def close(self) -> None:
         """Stop playing at once and release the device. Safe to call twice."""
@@ -149,7 +150,7 @@ class SpeakerSink:
             total.add(self._done)
             for playback in self._queue:
                 total.add(playback.buffer.stats)
-            total.late += self._late_spooled_done + sum(p.late_spooled for p in self._queue)
+            total.late += self._spooled
             return total
 
     @property
@@ -226,7 +227,6 @@ class SpeakerSink:
         with self._cond:
             self._queue.remove(playback)
             self._done.add(playback.buffer.stats)
-            self._late_spooled_done += playback.late_spooled
 
     def _open_output(self, playback: _Playback) -> pyaudio.Stream | None:
         fmt = playback.fmt
@@ -249,10 +249,14 @@ class SpeakerSink:
                 playback.info.sender_id,
                 exc,
             )
-            with self._cond:
-                playback.failed = True
-                playback.buffer.finish()
+            self._give_up(playback)
             return None
+
+    def _give_up(self, playback: _Playback) -> None:
+        """Drop this stream's audio from now on; the next stream tries the device again."""
+        with self._cond:
+            playback.failed = True
+            playback.buffer.finish()
 
     def _play(self, playback: _Playback, stream: pyaudio.Stream) -> None:
         fmt = playback.fmt
@@ -276,6 +280,7 @@ class SpeakerSink:
                 stream.write(data)
             except OSError as exc:
                 log.error("speaker %r stopped playing: %s", self.device_spec, exc)
+                self._give_up(playback)
                 return
             sleep_us = pacer.after_io(len(data) // frame_bytes, started, monotonic_us())
             if sleep_us and self._closing.wait(sleep_us / 1_000_000):
