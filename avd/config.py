@@ -22,6 +22,7 @@ from avd.media.base import AudioFormat, VideoFormat
 from avd.protocol import SENDER_ID_RE
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+ListenPort = Annotated[int, Field(ge=0, le=65535)]  # 0: the kernel picks a free port
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
 LogFormat = Literal["auto", "journal", "text", "json"]
@@ -30,10 +31,10 @@ TlsMinVersion = Literal["1.3", "1.2"]
 
 
 def parse_host_port(value: str, variable: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` as a pair; ConfigError naming ``variable`` if malformed."""
+    """``host:port`` or ``[v6]:port`` (port 0: any free one); ConfigError naming ``variable``."""
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{variable}: expected host:port, got {value!r}")
     return host, int(port)
 
@@ -92,6 +93,8 @@ class ReceiverSettings(CommonSettings):
     """``avd-receiver``: listens, authenticates senders, records and plays."""
 
     bind: str = Field("0.0.0.0", description="address to listen on (:: for IPv6)")  # noqa: S104
+    video_port: ListenPort = Field(5000, description="TCP port of the video stream (0: any)")
+    audio_port: ListenPort = Field(5001, description="TCP port of the audio stream (0: any)")
     tls_cert: Path = Field(description="the receiver's certificate (PEM)")
     tls_key: Path = Field(description="the receiver's private key (PEM, mode 0600)")
     tls_client_ca: Path | None = Field(

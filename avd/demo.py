@@ -208,6 +208,10 @@ def run(seconds: float, workdir: Path) -> int:
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1000:8.2f}" if seconds is not None else f"{'n/a':>8}"
+
+
 def _print_figures(before: Samples, after: Samples, elapsed: float) -> None:
     print(f"\n{'stream':8} {'frames/s':>9} {'kbit/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for stream in ("video", "audio"):
@@ -219,10 +223,9 @@ def _print_figures(before: Samples, after: Samples, elapsed: float) -> None:
         )
         buckets = latency_buckets(before, after, stream)
         p50, p99 = (histogram_quantile(q, buckets) for q in (0.5, 0.99))
-        show = lambda v: f"{v * 1000:8.2f}" if v is not None else f"{'n/a':>8}"  # noqa: E731
         print(
             f"{stream:8} {frames / elapsed:9.1f} {data * 8 / elapsed / 1000:9.0f} "
-            f"{show(p50)} {show(p99)}"
+            f"{_ms(p50)} {_ms(p99)}"
         )
     rejected = total(after, "avd_frames_rejected_total")
     failures = total(after, "avd_auth_failures_total")

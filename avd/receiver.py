@@ -196,7 +196,9 @@ class Receiver:
         timeout = self.settings.handshake_timeout_s
         started = monotonic_us()
         try:
-            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=timeout)
+            # Our own deadline fires first: asyncio's reports itself as an abort, not a timeout.
+            async with asyncio.timeout(timeout):
+                await writer.start_tls(self.ssl_context, ssl_handshake_timeout=timeout + 1)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
             self._tls_failed(kind, peer, started, exc)
             return

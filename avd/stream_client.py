@@ -15,7 +15,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from avd import protocol
 from avd.backoff import Backoff, FailureKind, classify, describe_failure
@@ -30,6 +33,8 @@ from avd.tokens import Token
 
 log = logging.getLogger("avd.sender")
 
+T = TypeVar("T")
+
 MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
 
 
@@ -43,6 +48,26 @@ class SessionEnded(Exception):
 
 class SourceEnded(Exception):
     """The source will produce no more frames (a video file without loop)."""
+
+
+class _Stopped(Exception):
+    """The daemon is stopping: abandon whatever was being waited for."""
+
+
+async def _unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T], limit_s: float) -> T:
+    """``awaitable``'s result, TimeoutError after ``limit_s``, or _Stopped once ``stop`` is set."""
+    work = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({work, stopper}, timeout=limit_s, return_when=FIRST_COMPLETED)
+    stopper.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(BaseException):
+        await work
+    if stop.is_set():
+        raise _Stopped
+    raise TimeoutError(f"no answer within {limit_s:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,8 @@ class StreamClient:
                 failure, problem = FailureKind.SESSION_LOST, "session ended"
             except SourceEnded:
                 self.state = "source ended"
+                return
+            except _Stopped:
                 return
             except SessionEnded as exc:
                 failure, problem = self._goodbye_failure(exc)
@@ -143,7 +170,8 @@ class StreamClient:
         """Run one session until it ends; raises why, unless the daemon is stopping."""
         ep = self.endpoint
         self.state = f"connecting to {ep.host}:{ep.port}"
-        reader, writer = await asyncio.wait_for(
+        reader, writer = await _unless_stopped(
+            stop,
             asyncio.open_connection(
                 ep.host,
                 ep.port,
@@ -151,7 +179,7 @@ class StreamClient:
                 server_hostname=ep.server_name,
                 ssl_handshake_timeout=ep.handshake_timeout_s,
             ),
-            timeout=ep.handshake_timeout_s + 1,
+            limit_s=ep.handshake_timeout_s + 1,
         )
         try:
             conn = protocol.Connection(Role.SENDER)
@@ -159,8 +187,8 @@ class StreamClient:
                 self.sender_id, self.kind, self.media_format, self.token.as_bytes()
             )
             writer.write(conn.send(hello))
-            welcome = await asyncio.wait_for(
-                self._await_welcome(reader, conn), ep.handshake_timeout_s
+            welcome = await _unless_stopped(
+                stop, self._await_welcome(reader, conn), ep.handshake_timeout_s
             )
             self._set_connected(True)
             self._established = True

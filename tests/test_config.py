@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,8 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    import os
-
     for name in list(os.environ):
         if name.startswith("AVD_"):
             monkeypatch.delenv(name)
@@ -49,7 +48,8 @@ def test_sender_defaults_match_the_original_readme(
     assert (s.audio_rate, s.audio_channels, s.audio_chunk) == (44100, 1, 1024)
     assert s.audio_format.sample_width == 2
     assert s.reconnect_max_s == 10
-    assert s.tls_min_version == "1.3" and not s.allow_tls12
+    assert s.tls_min_version == "1.3"
+    assert not s.allow_tls12
     assert s.server_name == "receiver.example"
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", s.sender_id)
 
@@ -59,8 +59,11 @@ def test_receiver_defaults(clean_env: pytest.MonkeyPatch, files: dict[str, Path]
     clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
     clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
     s = load_settings(ReceiverSettings)
-    assert s.bind == "0.0.0.0" and (s.video_port, s.audio_port) == (5000, 5001)
-    assert s.handshake_timeout_s == 5 and s.metrics_endpoint is None and s.record_dir is None
+    assert s.bind == "0.0.0.0"
+    assert (s.video_port, s.audio_port) == (5000, 5001)
+    assert s.handshake_timeout_s == 5
+    assert s.metrics_endpoint is None
+    assert s.record_dir is None
 
 
 def test_env_file_is_read_and_the_environment_wins(
@@ -70,7 +73,8 @@ def test_env_file_is_read_and_the_environment_wins(
     env_file.write_text(f"AVD_RECEIVER_HOST=from-file\nAVD_TLS_CA={files['ca.crt']}\nAVD_FPS=10\n")
     clean_env.setenv("AVD_FPS", "15")
     s = load_settings(SenderSettings, env_file)
-    assert s.receiver_host == "from-file" and s.fps == 15
+    assert s.receiver_host == "from-file"
+    assert s.fps == 15
 
 
 @pytest.mark.parametrize(
@@ -106,7 +110,7 @@ def test_missing_required_and_missing_files_are_named(
     clean_env.setenv("AVD_TLS_CERT", str(tmp_path / "nope.crt"))
     with pytest.raises(ConfigError, match=r"AVD_TLS_CERT: no such file: .*nope\.crt"):
         load_settings(ReceiverSettings)
-    with pytest.raises(ConfigError, match="--env-file: no such file"):
+    with pytest.raises(ConfigError, match=r"--env-file: no such file"):
         load_settings(ReceiverSettings, tmp_path / "missing.env")
 
 
@@ -117,19 +121,21 @@ def test_a_bad_token_value_is_never_echoed(
     clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
     clean_env.setenv("AVD_TOKEN", "s3cr3t-" * 8)
     s = load_settings(SenderSettings)
-    assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s)
+    assert "s3cr3t" not in repr(s)
+    assert "s3cr3t" not in str(s)
 
 
 def test_parse_host_port() -> None:
     assert parse_host_port("127.0.0.1:9400", "X") == ("127.0.0.1", 9400)
     assert parse_host_port("[::1]:9400", "X") == ("::1", 9400)
-    for bad in ("9400", "host:", ":9400", "host:0", "host:99999"):
-        with pytest.raises(ConfigError, match="^X: "):
+    assert parse_host_port("localhost:0", "X") == ("localhost", 0)
+    for bad in ("9400", "host:", ":9400", "host:-1", "host:99999"):
+        with pytest.raises(ConfigError, match=r"^X: "):
             parse_host_port(bad, "X")
 
 
 def _documented(text: str) -> dict[str, str]:
-    found = {}
+    found: dict[str, str] = {}
     for line in text.splitlines():
         match = re.match(r"^#?(AVD_[A-Z0-9_]+)=(.*)$", line)
         if match:

@@ -1,0 +1,1 @@
+"""avd test suite."""
