@@ -1,0 +1,162 @@
+"""How long a stream waits before reconnecting, and why it failed, in words for the log.
+
+Pure: no sleeping, no clock reads, randomness injectable. Each stream owns one ``Backoff``
+and reconnects for ever:
+
+- the first retry comes within ``first_s`` (0.5 s), then the base doubles up to ``cap_s``
+  (``AVD_RECONNECT_MAX_S``, 10 s by default);
+- each delay is drawn from ``[base / 2, base]`` ("equal jitter" in the AWS Architecture
+  Blog's "Exponential Backoff And Jitter"): the random half spreads senders that lost the
+  same receiver, the fixed half keeps a floor so a retry is never near-immediate;
+- a refused token or an untrusted certificate will not fix itself in half a second, so
+  those retry at the cap, and the escalation stays there for whatever comes next;
+- only a healthy session (one that lasted ``healthy_after_s``) resets the escalation: a
+  receiver that accepts and drops at once must not put us in a tight loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import ssl
+
+from avd.errors import AuthError, LocalProtocolError, ProtocolError
+
+
+class FailureKind(enum.Enum):
+    REFUSED = "refused"  # network: refused, unreachable, timed out, reset
+    TLS_VERIFY = "tls-verify"  # a certificate was not trusted (theirs by us, or ours by them)
+    AUTH_REFUSED = "auth-refused"  # the receiver refused the hello
+    PROTOCOL = "protocol"  # the peer broke the protocol
+    SESSION_LOST = "session-lost"  # an established session ended
+
+
+# Failures a retry cannot fix until someone changes a file: retried at the cap.
+SLOW_RETRY = frozenset({FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY})
+
+
+class Backoff:
+    """Jittered, capped, exponential reconnect delays for one stream.
+
+    ``attempts`` counts the failures since the last reset (creation or a healthy session).
+    """
+
+    def __init__(
+        self,
+        first_s: float = 0.5,
+        cap_s: float = 10.0,
+        factor: float = 2.0,
+        rng: random.Random | None = None,
+        healthy_after_s: float = 10.0,
+    ) -> None:
+        if not first_s > 0:
+            raise ValueError(f"Backoff first_s must be > 0, got {first_s}")
+        if not cap_s > 0:
+            raise ValueError(f"Backoff cap_s must be > 0, got {cap_s}")
+        if not factor >= 1:
+            raise ValueError(f"Backoff factor must be >= 1, got {factor}")
+        if not healthy_after_s >= 0:
+            raise ValueError(f"Backoff healthy_after_s must be >= 0, got {healthy_after_s}")
+        self.first_s = min(first_s, cap_s)  # a cap below 0.5 s still bounds the first retry
+        self.cap_s = cap_s
+        self.factor = factor
+        self.healthy_after_s = healthy_after_s
+        self._rng = rng or random.Random()
+        self._base = self.first_s
+        self.attempts = 0
+
+    def next_delay(self, failure: FailureKind) -> float:
+        """Seconds to wait before the next attempt, after ``failure``; escalates."""
+        self.attempts += 1
+        if failure in SLOW_RETRY:
+            self._base = self.cap_s
+            return self.cap_s
+        base = self._base
+        # Kept as a base (not an exponent) so endless failures cannot overflow a float.
+        self._base = min(self.cap_s, base * self.factor)
+        return min(base, self._rng.uniform(base / 2, base))  # min(): uniform may round up
+
+    def session_ended(self, duration_s: float) -> None:
+        """An established session ended after ``duration_s``; a healthy one resets."""
+        if duration_s >= self.healthy_after_s:
+            self._base = self.first_s
+            self.attempts = 0
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """Which kind of failure ``exc`` is. Order matters: ssl errors are OSErrors."""
+    if isinstance(exc, AuthError):
+        return FailureKind.AUTH_REFUSED
+    if isinstance(exc, ProtocolError):
+        return FailureKind.PROTOCOL
+    if isinstance(exc, ssl.SSLCertVerificationError) or _certificate_alert(exc):
+        return FailureKind.TLS_VERIFY
+    # The peer went away during the TLS handshake: a network failure, not a TLS one.
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return FailureKind.REFUSED
+    if isinstance(exc, ssl.SSLError):
+        return FailureKind.PROTOCOL  # not speaking our TLS: wrong port, version, cipher
+    if isinstance(exc, OSError | EOFError):  # ConnectionError and TimeoutError are OSErrors
+        return FailureKind.REFUSED
+    return FailureKind.PROTOCOL
+
+
+def _certificate_alert(exc: BaseException) -> bool:
+    """The peer refused our certificate (e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED)."""
+    if not isinstance(exc, ssl.SSLError):
+        return False
+    reason = _ssl_reason(exc)
+    return "CERTIFICATE" in reason or "UNKNOWN_CA" in reason
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's short reason; only errors raised by the ssl module itself carry one."""
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) and reason else str(exc)
+
+
+def describe_failure(kind: FailureKind, exc: BaseException | None = None) -> str:
+    """A short phrase for the log line. Never includes a token (nor the AuthError text)."""
+    if kind is FailureKind.AUTH_REFUSED:
+        return "token refused by the receiver"
+    if kind is FailureKind.TLS_VERIFY:
+        return _describe_tls(exc)
+    if kind is FailureKind.REFUSED:
+        return _describe_network(exc)
+    if kind is FailureKind.PROTOCOL:
+        if isinstance(exc, LocalProtocolError):
+            return f"protocol error on our side (a bug): {exc}"
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS handshake failed: {_ssl_reason(exc)}"
+        if exc is not None and not isinstance(exc, ProtocolError):
+            return f"unexpected {type(exc).__name__}: {exc}"
+        return _with_detail("receiver broke the protocol", exc)
+    return _with_detail("session ended", exc)
+
+
+def _describe_tls(exc: BaseException | None) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = getattr(exc, "verify_message", None) or _ssl_reason(exc)
+        return f"receiver certificate not trusted: {why}"
+    if isinstance(exc, ssl.SSLError):
+        return f"receiver refused our client certificate: {_ssl_reason(exc)}"
+    return _with_detail("certificate not trusted", exc)
+
+
+def _describe_network(exc: BaseException | None) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "receiver refused the connection"
+    if isinstance(exc, TimeoutError):
+        return "receiver did not answer in time"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+        return "connection dropped by the receiver"
+    if isinstance(exc, ssl.SSLError | EOFError):
+        return "connection dropped during the TLS handshake"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"receiver unreachable: {exc.strerror}"
+    return _with_detail("receiver unreachable", exc)
+
+
+def _with_detail(phrase: str, exc: BaseException | None) -> str:
+    detail = str(exc) if exc is not None else ""
+    return f"{phrase}: {detail}" if detail else phrase

@@ -1,0 +1,326 @@
+"""avd.backoff: delay bounds, escalation and reset, slow retries, and failure classification.
+
+Classification is checked on exceptions built by hand and on the real ones: TLS failures
+provoked on loopback with certificates from ``avd.certs`` (the ``pki`` fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import math
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from avd.backoff import SLOW_RETRY, Backoff, FailureKind, classify, describe_failure
+from avd.certs import CertPaths
+from avd.errors import AuthError, FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from avd.tls import receiver_context, sender_context
+
+
+class FixedRandom(random.Random):
+    """Always draws ``value`` from [0, 1): pins ``uniform`` to one end of its range."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def bases(count: int, first: float = 0.5, cap: float = 10.0) -> list[float]:
+    return [min(cap, first * 2**step) for step in range(count)]
+
+
+# ---- delays ----------------------------------------------------------------------------
+
+
+def test_delays_follow_the_doubling_base_with_equal_jitter() -> None:
+    backoff = Backoff(rng=random.Random(7))
+    for base in bases(12):
+        delay = backoff.next_delay(FailureKind.REFUSED)
+        assert base / 2 <= delay <= base
+
+
+def test_jitter_range_ends_are_exactly_half_the_base_and_the_base() -> None:
+    low = Backoff(rng=FixedRandom(0.0))
+    assert [low.next_delay(FailureKind.REFUSED) for _ in range(8)] == [
+        0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0
+    ]  # fmt: skip
+    high = Backoff(rng=FixedRandom(math.nextafter(1.0, 0.0)))
+    delays = [high.next_delay(FailureKind.REFUSED) for _ in range(8)]
+    assert delays == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0])
+    assert max(delays) <= 10.0
+
+
+def test_jitter_really_varies() -> None:
+    sequences = {
+        tuple(Backoff(rng=random.Random(seed)).next_delay(FailureKind.REFUSED) for _ in range(6))
+        for seed in range(20)
+    }
+    assert len(sequences) == 20
+    at_cap = Backoff(rng=random.Random(1))
+    delays = [at_cap.next_delay(FailureKind.SESSION_LOST) for _ in range(40)][10:]
+    assert len(set(delays)) > 20  # senders that lost the same receiver spread out
+
+
+def test_first_retry_comes_within_half_a_second() -> None:
+    for seed in range(200):
+        assert 0 < Backoff(rng=random.Random(seed)).next_delay(FailureKind.REFUSED) <= 0.5
+    # Even a cap below the first step bounds it.
+    assert Backoff(cap_s=0.2, rng=random.Random(1)).next_delay(FailureKind.REFUSED) <= 0.2
+
+
+def test_default_rng_stays_in_bounds() -> None:
+    backoff = Backoff()
+    assert 0.25 <= backoff.next_delay(FailureKind.REFUSED) <= 0.5
+
+
+@pytest.mark.parametrize("failure", [FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY])
+def test_refused_token_or_bad_certificate_retries_at_the_cap(failure: FailureKind) -> None:
+    backoff = Backoff(cap_s=10.0, rng=random.Random(3))
+    assert backoff.next_delay(failure) == 10.0  # straight to the cap, never a tight loop
+    assert backoff.next_delay(failure) == 10.0
+    # Whatever comes next stays slow: the escalation is at the cap now.
+    assert 5.0 <= backoff.next_delay(FailureKind.REFUSED) <= 10.0
+    assert backoff.attempts == 3
+
+
+def test_only_a_healthy_session_resets_the_escalation() -> None:
+    backoff = Backoff(healthy_after_s=10.0, rng=random.Random(5))
+    for _ in range(6):
+        backoff.next_delay(FailureKind.REFUSED)
+    assert backoff.attempts == 6
+    backoff.session_ended(9.9)  # too short to count as healthy
+    assert backoff.next_delay(FailureKind.SESSION_LOST) >= 5.0
+    assert backoff.attempts == 7
+    backoff.session_ended(10.0)
+    assert backoff.attempts == 0
+    assert backoff.next_delay(FailureKind.SESSION_LOST) <= 0.5
+    assert backoff.attempts == 1
+
+
+def test_a_receiver_that_accepts_and_drops_at_once_is_not_a_tight_loop() -> None:
+    backoff = Backoff(rng=FixedRandom(0.0))  # the shortest delays jitter allows
+    delays = []
+    for _ in range(10):
+        backoff.session_ended(0.05)
+        delays.append(backoff.next_delay(FailureKind.SESSION_LOST))
+    assert delays == sorted(delays)
+    assert delays[-1] == 5.0
+    assert sum(delays) >= 30.0  # ten reconnects take at least half a minute
+
+
+def test_slow_retry_kinds_are_the_fatal_ish_ones() -> None:
+    assert {FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY} == SLOW_RETRY
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: Backoff(first_s=0.0), "first_s"),
+        (lambda: Backoff(cap_s=-1.0), "cap_s"),
+        (lambda: Backoff(factor=0.5), "factor"),
+        (lambda: Backoff(healthy_after_s=-1.0), "healthy_after_s"),
+        (lambda: Backoff(first_s=math.nan), "first_s"),
+    ],
+)
+def test_nonsense_settings_are_refused_by_name(make: Callable[[], Backoff], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+actions = st.sampled_from(FailureKind) | st.floats(0.0, 100.0)
+
+
+@given(
+    steps=st.lists(actions, max_size=60),
+    first=st.floats(0.01, 2.0),
+    cap=st.floats(0.05, 3600.0),
+    factor=st.floats(1.0, 10.0),
+    seed=st.integers(0, 2**32),
+)
+def test_any_sequence_keeps_every_delay_within_bounds(
+    steps: list[FailureKind | float], first: float, cap: float, factor: float, seed: int
+) -> None:
+    backoff = Backoff(first_s=first, cap_s=cap, factor=factor, rng=random.Random(seed))
+    fresh = True  # nothing has escalated since creation or the last healthy session
+    for step in steps:
+        if isinstance(step, float):
+            backoff.session_ended(step)
+            fresh = fresh or step >= backoff.healthy_after_s
+            continue
+        delay = backoff.next_delay(step)
+        assert min(first, cap) / 2 <= delay <= cap
+        if step in SLOW_RETRY:
+            assert delay == cap
+        elif fresh:
+            assert delay <= min(first, cap)
+        fresh = False
+
+
+# ---- classification --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), FailureKind.REFUSED),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), FailureKind.REFUSED),
+        (BrokenPipeError(errno.EPIPE, "broken pipe"), FailureKind.REFUSED),
+        (TimeoutError(), FailureKind.REFUSED),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), FailureKind.REFUSED),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), FailureKind.REFUSED),
+        (asyncio.IncompleteReadError(b"AV", 8), FailureKind.REFUSED),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), FailureKind.REFUSED),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), FailureKind.TLS_VERIFY),
+        (ssl.SSLError(1, "wrong version number"), FailureKind.PROTOCOL),
+        (AuthError("the receiver refused this sender's token"), FailureKind.AUTH_REFUSED),
+        (RemoteProtocolError("bad magic: not an avd peer"), FailureKind.PROTOCOL),
+        (FrameTooLarge("media of 4294967295 bytes exceeds 8388625"), FailureKind.PROTOCOL),
+        (LocalProtocolError("cannot send Media"), FailureKind.PROTOCOL),
+        (ValueError("something unforeseen"), FailureKind.PROTOCOL),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else value.name,
+)
+def test_classify_maps_exceptions_to_kinds(exc: BaseException, kind: FailureKind) -> None:
+    assert classify(exc) is kind
+
+
+@pytest.mark.parametrize(
+    ("exc", "phrase"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "x"), "receiver refused the connection"),
+        (TimeoutError(), "receiver did not answer in time"),
+        (ConnectionResetError(errno.ECONNRESET, "x"), "connection dropped by the receiver"),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), "receiver unreachable: Network"),
+        (ssl.SSLEOFError(8, "EOF"), "connection dropped during the TLS handshake"),
+        (RemoteProtocolError("bad magic: not an avd peer"), "receiver broke the protocol: bad"),
+        (LocalProtocolError("cannot send Hello"), "protocol error on our side (a bug)"),
+        (KeyError("x"), "unexpected KeyError"),
+    ],
+)
+def test_descriptions_say_what_happened(exc: BaseException, phrase: str) -> None:
+    assert describe_failure(classify(exc), exc).startswith(phrase)
+
+
+def test_auth_description_never_repeats_the_error_text() -> None:
+    exc = AuthError("token tk_SECRET_VALUE refused")  # even if some code put one there
+    assert describe_failure(classify(exc), exc) == "token refused by the receiver"
+
+
+def test_session_lost_description_with_and_without_a_cause() -> None:
+    assert describe_failure(FailureKind.SESSION_LOST) == "session ended"
+    cause = RuntimeError("receiver said goodbye: shutdown")
+    assert describe_failure(FailureKind.SESSION_LOST, cause) == (
+        "session ended: receiver said goodbye: shutdown"
+    )
+
+
+# ---- real failures on loopback ---------------------------------------------------------
+
+Server = Callable[[socket.socket], None]
+
+
+def fail_to_connect(
+    serve: Server | None, client_context: ssl.SSLContext, server_name: str = "127.0.0.1"
+) -> BaseException:
+    """Runs ``serve`` on one accepted loopback connection; returns what the client raised."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if serve is None:
+        listener.close()  # nothing listens on the port any more: connection refused
+        thread = None
+    else:
+        thread = threading.Thread(target=accept_once, args=(listener, serve), daemon=True)
+        thread.start()
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_context.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
+            tls.sendall(b"AV")
+            tls.recv(16)
+    except Exception as exc:
+        return exc
+    finally:
+        if thread is not None:
+            thread.join(timeout=10)
+    raise AssertionError("the connection unexpectedly worked")
+
+
+def accept_once(listener: socket.socket, serve: Server) -> None:
+    with listener:
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            # The server side's own view of the failure (an OSError) is not under test.
+            with contextlib.suppress(OSError):
+                serve(conn)
+
+
+def tls_server(context: ssl.SSLContext) -> Server:
+    def serve(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(16)
+
+    return serve
+
+
+def receiver(pki: CertPaths, client_ca: CertPaths | None = None) -> Server:
+    ca = None if client_ca is None else client_ca.ca_cert
+    return tls_server(receiver_context(cert=pki.receiver_cert, key=pki.receiver_key, client_ca=ca))
+
+
+def test_real_receiver_certificate_from_another_ca(pki: CertPaths, other_pki: CertPaths) -> None:
+    exc = fail_to_connect(receiver(pki), sender_context(ca=other_pki.ca_cert))
+    assert classify(exc) is FailureKind.TLS_VERIFY
+    assert describe_failure(classify(exc), exc) == (
+        "receiver certificate not trusted: unable to get local issuer certificate"
+    )
+
+
+def test_real_receiver_certificate_for_another_name(pki: CertPaths) -> None:
+    exc = fail_to_connect(receiver(pki), sender_context(ca=pki.ca_cert), "wrong.example")
+    assert classify(exc) is FailureKind.TLS_VERIFY
+    text = describe_failure(classify(exc), exc)
+    assert text.startswith("receiver certificate not trusted: Hostname mismatch")
+    assert "wrong.example" in text
+
+
+def test_real_missing_client_certificate(pki: CertPaths) -> None:
+    exc = fail_to_connect(receiver(pki, client_ca=pki), sender_context(ca=pki.ca_cert))
+    assert classify(exc) is FailureKind.TLS_VERIFY
+    assert describe_failure(classify(exc), exc).startswith(
+        "receiver refused our client certificate: TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    )
+
+
+def test_real_plain_text_server_is_a_protocol_failure(pki: CertPaths) -> None:
+    def http(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    exc = fail_to_connect(http, sender_context(ca=pki.ca_cert))
+    assert classify(exc) is FailureKind.PROTOCOL
+    assert describe_failure(classify(exc), exc).startswith("TLS handshake failed: ")
+
+
+def test_real_closed_port_and_dropped_handshake_are_network_failures(pki: CertPaths) -> None:
+    refused = fail_to_connect(None, sender_context(ca=pki.ca_cert))
+    assert isinstance(refused, ConnectionRefusedError)
+    assert classify(refused) is FailureKind.REFUSED
+    assert describe_failure(classify(refused), refused) == "receiver refused the connection"
+
+    dropped = fail_to_connect(lambda conn: None, sender_context(ca=pki.ca_cert))
+    assert classify(dropped) is FailureKind.REFUSED, repr(dropped)
