@@ -21,7 +21,7 @@ import threading
 import pyaudio
 
 from avd.clock import monotonic_us
-from avd.errors import ConfigError, DeviceError
+from avd.errors import DeviceError
 from avd.media.base import AudioFormat, CapturedFrame, MediaFormat, MediaSource, StreamKind
 from avd.media.pa import ClocklessPacer, find_device, open_pyaudio
 
@@ -76,14 +76,17 @@ class CaptureTimeline:
 
 
 def parse_mic_spec(spec: str) -> str:
-    """The device part of "mic" or "mic:<index or name>" ("default" for plain "mic")."""
+    """The device part of "mic" or "mic:<index or name>" ("default" for plain "mic").
+
+    ValueError for anything else; the sender adds the name of the setting to the message.
+    """
     kind, sep, device = spec.strip().partition(":")
     if kind.strip().casefold() != "mic":
-        raise ConfigError(f"audio source {spec!r} is not a microphone (mic or mic:<device>)")
+        raise ValueError(f"audio source {spec!r} is not a microphone (mic or mic:<device>)")
     if not sep:
         return "default"
     if not device.strip():
-        raise ConfigError(f"audio source {spec!r} names no device after 'mic:'")
+        raise ValueError(f"audio source {spec!r} names no device after 'mic:'")
     return device.strip()
 
 
@@ -92,7 +95,7 @@ class MicSource:
 
     def __init__(self, spec: str, fmt: AudioFormat) -> None:
         if fmt.sample_width != 2:
-            raise ConfigError(f"the microphone captures 16-bit samples, not {fmt.sample_width}")
+            raise ValueError(f"the microphone captures 16-bit samples, not {fmt.sample_width}")
         self.kind: StreamKind = StreamKind.AUDIO
         self.format: MediaFormat = fmt
         self.device = parse_mic_spec(spec)
