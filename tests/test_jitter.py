@@ -201,7 +201,7 @@ def test_a_reordered_burst_within_the_limit_plays_whole(order: list[int], target
     lost=st.sets(st.integers(1, 18)),
     delay=st.integers(0, 2),
 )
-def test_live_stream_with_losses_keeps_its_pace(lost: set[int], delay: int) -> None:
+def test_a_live_stream_with_losses_plays_every_chunk_that_came(lost: set[int], delay: int) -> None:
     """Chunk n arrives at period n + delay unless lost; one pull per period; then the end.
 
     Losses cost gaps or a return to buffering, never a late chunk (nothing arrives after

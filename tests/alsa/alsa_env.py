@@ -9,6 +9,9 @@ Each test gets its own capture and playback files, named by environment variable
   read at each device open, so no subprocess is needed. Create PyAudio (or the avd object
   that does) only after the call.
 - in a subprocess (the sender or receiver daemon): pass ``{**os.environ, **devices.env()}``.
+  Give each process its own files (``make_alsa_devices(tmp, "sender")``, ``(tmp,
+  "receiver")``): every ``PyAudio()`` opens both devices while probing, so a sender sharing
+  the receiver's files would truncate what the receiver played.
 
 Facts to know (see also asound.conf):
 
