@@ -11,7 +11,11 @@ and reconnects for ever:
 - a refused token or an untrusted certificate will not fix itself in half a second, so
   those retry at the cap, and the escalation stays there for whatever comes next;
 - only a healthy session (one that lasted ``healthy_after_s``) resets the escalation: a
-  receiver that accepts and drops at once must not put us in a tight loop.
+  receiver that accepts and drops at once must not put us in a tight loop;
+- a refused connection (the receiver's host answers but nothing listens: the daemon is
+  restarting) is retried every ``first_s`` to ``2 * first_s``, without escalating: each try
+  costs the receiver's kernel one RST, and the stream is back within a second of the
+  receiver's return, where doubling delays would leave it waiting up to the cap.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from avd.errors import AuthError, LocalProtocolError, ProtocolError
 
 
 class FailureKind(enum.Enum):
-    REFUSED = "refused"  # network: refused, unreachable, timed out, reset
+    NOT_LISTENING = "not-listening"  # connection refused: the host is up, the daemon is not
+    REFUSED = "refused"  # network: unreachable, timed out, reset
     TLS_VERIFY = "tls-verify"  # a certificate was not trusted (theirs by us, or ours by them)
     AUTH_REFUSED = "auth-refused"  # the receiver refused the hello
     PROTOCOL = "protocol"  # the peer broke the protocol
@@ -71,6 +76,8 @@ class Backoff:
         if failure in SLOW_RETRY:
             self._base = self.cap_s
             return self.cap_s
+        if failure is FailureKind.NOT_LISTENING:
+            return min(self.cap_s, self._rng.uniform(self.first_s, 2 * self.first_s))
         base = self._base
         # Kept as a base (not an exponent) so endless failures cannot overflow a float.
         self._base = min(self.cap_s, base * self.factor)
@@ -96,6 +103,8 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.REFUSED
     if isinstance(exc, ssl.SSLError):
         return FailureKind.PROTOCOL  # not speaking our TLS: wrong port, version, cipher
+    if isinstance(exc, ConnectionRefusedError):
+        return FailureKind.NOT_LISTENING
     if isinstance(exc, OSError | EOFError):  # ConnectionError and TimeoutError are OSErrors
         return FailureKind.REFUSED
     return FailureKind.PROTOCOL
@@ -121,7 +130,7 @@ def describe_failure(kind: FailureKind, exc: BaseException | None = None) -> str
         return "token refused by the receiver"
     if kind is FailureKind.TLS_VERIFY:
         return _describe_tls(exc)
-    if kind is FailureKind.REFUSED:
+    if kind in (FailureKind.REFUSED, FailureKind.NOT_LISTENING):
         return _describe_network(exc)
     if kind is FailureKind.PROTOCOL:
         if isinstance(exc, LocalProtocolError):

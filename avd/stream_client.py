@@ -36,6 +36,9 @@ log = logging.getLogger("avd.sender")
 T = TypeVar("T")
 
 MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
+# A receiver away for hours must not fill the journal: the same problem is reported
+# again only this often (with how many attempts were made meanwhile).
+RETRY_LOG_INTERVAL_US = 60_000_000
 
 
 class SessionEnded(Exception):
@@ -101,6 +104,9 @@ class StreamClient:
         self.acked_seq = -1
         self.rtt_us: int | None = None
         self._established = False
+        self._last_problem = ""
+        self._last_retry_log_us = 0
+        self._retries_unlogged = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         attempt = 0
@@ -145,20 +151,32 @@ class StreamClient:
         self, stop: asyncio.Event, failure: FailureKind, problem: str
     ) -> None:
         delay = self.backoff.next_delay(failure)
-        self.state = f"waiting for receiver, retry in {delay:.0f} s"
-        level = logging.INFO if failure is FailureKind.SESSION_LOST else logging.WARNING
+        self.state = f"waiting for receiver ({problem}), retry in {delay:.0f} s"
+        self._log_retry(failure, problem, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _log_retry(self, failure: FailureKind, problem: str, delay: float) -> None:
+        """Logs a new problem at once, the same one at most every RETRY_LOG_INTERVAL_S."""
+        now = monotonic_us()
+        self._retries_unlogged += 1
+        if problem == self._last_problem and now - self._last_retry_log_us < RETRY_LOG_INTERVAL_US:
+            log.debug("%s stream: %s; retrying in %.1f s", self.label, problem, delay)
+            return
+        repeated = self._retries_unlogged - 1 if problem == self._last_problem else 0
+        self._last_problem, self._last_retry_log_us, self._retries_unlogged = problem, now, 0
         where = f"{self.endpoint.host}:{self.endpoint.port}"
+        also = f" ({repeated} more attempts since the last report)" if repeated else ""
+        level = logging.INFO if failure is FailureKind.SESSION_LOST else logging.WARNING
         log_event(
             log,
             level,
             LogEvent.STREAM_RETRY,
-            f"{self.label} stream to {where}: {problem}; retrying in {delay:.1f} s",
+            f"{self.label} stream to {where}: {problem}; retrying in {delay:.1f} s{also}",
             stream=self.label,
             peer=where,
             retry_s=round(delay, 2),
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -192,6 +210,7 @@ class StreamClient:
             )
             self._set_connected(True)
             self._established = True
+            self._last_problem = ""
             self.state = "streaming"
             log_event(
                 log,

@@ -163,6 +163,9 @@ def test_any_sequence_keeps_every_delay_within_bounds(
         assert min(first, cap) / 2 <= delay <= cap
         if step in SLOW_RETRY:
             assert delay == cap
+        elif step is FailureKind.NOT_LISTENING:
+            assert min(first, cap) <= delay <= min(2 * first, cap)
+            continue  # a steady retry: it does not escalate
         elif fresh:
             assert delay <= min(first, cap)
         fresh = False
@@ -174,7 +177,10 @@ def test_any_sequence_keeps_every_delay_within_bounds(
 @pytest.mark.parametrize(
     ("exc", "kind"),
     [
-        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), FailureKind.REFUSED),
+        (
+            ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+            FailureKind.NOT_LISTENING,
+        ),
         (ConnectionResetError(errno.ECONNRESET, "reset"), FailureKind.REFUSED),
         (BrokenPipeError(errno.EPIPE, "broken pipe"), FailureKind.REFUSED),
         (TimeoutError(), FailureKind.REFUSED),
@@ -319,8 +325,21 @@ def test_real_plain_text_server_is_a_protocol_failure(pki: CertPaths) -> None:
 def test_real_closed_port_and_dropped_handshake_are_network_failures(pki: CertPaths) -> None:
     refused = fail_to_connect(None, sender_context(ca=pki.ca_cert))
     assert isinstance(refused, ConnectionRefusedError)
-    assert classify(refused) is FailureKind.REFUSED
+    assert classify(refused) is FailureKind.NOT_LISTENING
     assert describe_failure(classify(refused), refused) == "receiver refused the connection"
 
     dropped = fail_to_connect(lambda conn: None, sender_context(ca=pki.ca_cert))
     assert classify(dropped) is FailureKind.REFUSED, repr(dropped)
+
+
+def test_a_receiver_that_is_not_listening_is_retried_steadily_without_escalation() -> None:
+    backoff = Backoff(first_s=0.5, cap_s=10.0, rng=random.Random(7))
+    delays = [backoff.next_delay(FailureKind.NOT_LISTENING) for _ in range(50)]
+    assert all(0.5 <= d <= 1.0 for d in delays), delays
+    # ...and it does not feed the escalation of other failures either.
+    assert backoff.next_delay(FailureKind.REFUSED) <= 0.5
+
+
+def test_not_listening_never_exceeds_a_small_cap() -> None:
+    backoff = Backoff(first_s=0.5, cap_s=0.6, rng=random.Random(3))
+    assert all(backoff.next_delay(FailureKind.NOT_LISTENING) <= 0.6 for _ in range(20))

@@ -4,6 +4,7 @@ tokens from avd's own code, test sources. These are the tests that claim the sys
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -24,6 +25,7 @@ from .conftest import (
     ReceiverHandle,
     metric,
     receiver_env,
+    scrape,
     sender_env,
     start_receiver,
     wait_until,
@@ -63,8 +65,6 @@ def test_streams_video_and_audio_and_stops_cleanly(
     handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
     daemons.append(handle.daemon)
     sender = _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
-    from .conftest import scrape
-
     sender_url = _sender_metrics_url(sender)
     wait_until(
         lambda: _received(handle, "cam1", "video") > 0 and _received(handle, "cam1", "audio") > 0
@@ -90,7 +90,8 @@ def test_streams_video_and_audio_and_stops_cleanly(
     assert re.search(r"connection opened .*sender=cam1 stream=audio", log)
     assert re.search(r"connection closed .*sender=cam1 stream=video .*reason=bye", log), log[-3000:]
     assert handle.daemon.stop() == 0
-    assert creds.tokens["cam1"] not in log and creds.tokens["cam1"] not in sender.log_text()
+    assert creds.tokens["cam1"] not in log
+    assert creds.tokens["cam1"] not in sender.log_text()
 
 
 def test_wrong_tokens_and_garbage_are_refused_while_a_good_sender_streams(
@@ -139,25 +140,31 @@ def test_wrong_tokens_and_garbage_are_refused_while_a_good_sender_streams(
         assert len(received) < 100
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     for payload in (b"\x00" * 64, b"AV\x01\x01" + struct.pack(">I", 2**31)):
-        with socket.create_connection(("127.0.0.1", handle.video_port)) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(payload)
-                tls.settimeout(5)
-                try:
-                    assert tls.recv(100) == b""
-                except (ConnectionResetError, ssl.SSLError):
-                    pass
+        with (
+            socket.create_connection(("127.0.0.1", handle.video_port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(payload)
+            tls.settimeout(5)
+            reply = b""
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                while chunk := tls.recv(4096):
+                    reply += chunk
+            # At most a goodbye (protocol error), then the receiver closes.
+            assert reply == b"" or reply.startswith(b"AV\x01\x07"), reply
     wait_until(lambda: _received(handle, "cam1", "video") >= before + 40)
     samples = handle.metrics()
     assert metric(samples, "avd_handshake_failures_total", reason="tls-error") >= 1
     assert metric(samples, "avd_handshake_failures_total", reason="protocol-error") >= 2
     log = handle.daemon.log_text()
     assert re.search(r"auth(entication)? failed .*peer=127\.0\.0\.1:\d+ .*cam2", log), log[-3000:]
-    # The refused senders back off instead of hammering the receiver.
-    time.sleep(2)
-    attempts = len(re.findall(r"token refused|refused this sender's token", thief.log_text()))
-    assert 1 <= attempts <= 3, thief.log_text()
-    assert stranger.proc.poll() is None and thief.proc.poll() is None
+    # The refused senders back off (to the 10 s cap) instead of hammering the receiver:
+    # counted where it matters, at the receiver.
+    failures_before = metric(handle.metrics(), "avd_auth_failures_total")
+    time.sleep(3)
+    assert metric(handle.metrics(), "avd_auth_failures_total") - failures_before <= 2
+    assert stranger.proc.poll() is None
+    assert thief.proc.poll() is None
     for token in creds.tokens.values():
         assert token not in log
 
@@ -169,12 +176,14 @@ def test_hello_must_arrive_within_the_handshake_timeout(
     handle = start_receiver(env, tmp_path / "receiver.log")
     daemons.append(handle.daemon)
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    with socket.create_connection(("127.0.0.1", handle.audio_port)) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.settimeout(5)
-            started = time.monotonic()
-            assert tls.recv(100) == b""
-            assert time.monotonic() - started < 3
+    with (
+        socket.create_connection(("127.0.0.1", handle.audio_port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.settimeout(5)
+        started = time.monotonic()
+        assert tls.recv(100) == b""
+        assert time.monotonic() - started < 3
     wait_until(
         lambda: (
             metric(handle.metrics(), "avd_handshake_failures_total", reason="hello-timeout") == 1
@@ -353,10 +362,12 @@ def test_hello_for_the_wrong_port_is_refused(
     hello = Hello(
         "cam1", StreamKind.VIDEO, VideoFormat(640, 480, 20, 70), creds.tokens["cam1"].encode()
     )
-    with socket.create_connection(("127.0.0.1", handle.audio_port)) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(conn.send(hello))
-            tls.settimeout(5)
-            reply = tls.recv(100)
+    with (
+        socket.create_connection(("127.0.0.1", handle.audio_port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(conn.send(hello))
+        tls.settimeout(5)
+        reply = tls.recv(100)
     assert reply[:4] == b"AV\x01\x03"  # refused, and nothing about why
     assert len(reply) == 8
