@@ -68,6 +68,10 @@ def _run_daemon(role: str, settings_cls: type[CommonSettings], env_file: Path | 
         return EX_CONFIG
     except KeyboardInterrupt:
         return 0
+    except Exception:
+        # One log record (one journal entry with its traceback), not loose stderr lines.
+        log.exception("%s crashed", role)
+        return 1
 
 
 def _serve_metrics(
