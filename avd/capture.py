@@ -1,8 +1,9 @@
 """Runs one media source on its own thread, handing each frame to a non-blocking callback.
 
-Capture and JPEG encoding stay off the event loop. If the source cannot be opened the
-failure is logged once with the device's name and retried with capped backoff, so a
-camera plugged in late, or back after a fault, is picked up without a restart.
+Capture and JPEG encoding stay off the event loop. If the source cannot be opened, or
+fails while reading, the failure is logged once with the device's name and the device is
+reopened with capped backoff, so a camera or microphone plugged in late, or back after a
+fault, is picked up without a restart.
 """
 
 from __future__ import annotations
@@ -64,20 +65,30 @@ class CaptureThread:
         return False
 
     def _run(self) -> None:
-        if not self._open_until_stopped():
-            self.finished()
-            return
-        log.info("capturing %s", self.source.description)
         try:
-            while not self.stopping.is_set():
-                frame = self.source.read()
-                if frame is None:
-                    break
-                self.deliver(frame)
-        except Exception:
-            log.exception("capture from %s failed", self.source.description)
+            while self._open_until_stopped() and self._capture_until_lost():
+                pass
         finally:
             self.source.close()
             self.finished()
             if not self.stopping.is_set():
                 log.info("%s ended; its stream stops", self.source.description)
+
+    def _capture_until_lost(self) -> bool:
+        """Deliver frames; True when the device was lost (reopen it), False when done."""
+        log.info("capturing %s", self.source.description)
+        try:
+            while not self.stopping.is_set():
+                frame = self.source.read()
+                if frame is None:
+                    return False
+                self.deliver(frame)
+        except DeviceError as exc:
+            # An unplugged microphone: the network sessions stay up while we wait for it.
+            self.error = str(exc)
+            log.warning("%s; reopening it", exc)
+            self.source.close()
+            return True
+        except Exception:
+            log.exception("capture from %s failed", self.source.description)
+        return False

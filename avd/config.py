@@ -115,7 +115,7 @@ class ReceiverSettings(CommonSettings):
         1.0, description="keep at least this many GB free on the recordings file system"
     )
     playback: str = Field(
-        "none", description="speaker: none, default, or a device index or name substring"
+        "default", description="speaker: none, default, or a device index or name substring"
     )
     playback_sender: str | None = Field(
         None, description="which sender is heard; default: the first connected"

@@ -172,6 +172,7 @@ def run(seconds: float, workdir: Path) -> int:
         "AVD_TLS_CERT": str(pki.receiver_cert), "AVD_TLS_KEY": str(pki.receiver_key),
         "AVD_TOKENS_FILE": str(workdir / "tokens"), "AVD_METRICS_ADDR": "127.0.0.1:0",
         "AVD_RECORD_DIR": str(record_dir), "AVD_SEGMENT_SECONDS": "60", "AVD_MIN_FREE_GB": "0",
+        "AVD_PLAYBACK": os.environ.get("AVD_PLAYBACK", "none"),  # a 10 s test tone is no treat
     }  # fmt: skip
     receiver = Process("receiver", _script("avd-receiver"), env)
     sender: Process | None = None

@@ -57,6 +57,12 @@ class ReceiverMetrics:
         self.rtt = Gauge(
             "avd_rtt_seconds", "Heartbeat round-trip time", ["sender", "stream"], registry=r
         )
+        self.av_skew = Gauge(
+            "avd_av_skew_seconds",
+            "Video capture-to-arrival delay minus audio's, smoothed; positive: video lags",
+            ["sender"],
+            registry=r,
+        )
         for stream in ("video", "audio"):
             self.connections_active.labels(stream=stream)
             self.frame_latency.labels(stream=stream)

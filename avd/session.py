@@ -33,6 +33,7 @@ from avd.media.base import (
 from avd.media.jpeg import check_video_frame
 from avd.metrics import ReceiverMetrics
 from avd.protocol import GoodbyeReason, Hello, Role
+from avd.skew import SkewTracker
 from avd.tokens import TokenStore
 
 log = logging.getLogger("avd.receiver")
@@ -70,6 +71,7 @@ class SessionContext:
     idle_timeout_s: float
     register: Callable[[Session], None]
     unregister: Callable[[Session], None]
+    skew: SkewTracker = field(default_factory=SkewTracker)
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Session:
         self.started_us = monotonic_us()
         self.last_rx_us = self.started_us
         self._close_reason: CloseReason | None = None
-        self._next_seq = 0
+        self._next_seq: int | None = None  # sequence numbers run on across reconnects
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
         self._last_hb_sent_us = 0
         self._claimed_id: str | None = None  # an authenticated probe's id, for the log
@@ -173,6 +175,7 @@ class Session:
     async def _finish(self, reason: CloseReason) -> None:
         reason = self._close_reason or reason
         if self.info is not None:
+            self.ctx.skew.forget(self.info.sender_id, self.info.kind)
             self.ctx.unregister(self)
             self.ctx.sink.stream_ended(self.info)
             self.ctx.metrics.connections_active.labels(stream=self.info.kind.label).dec()
@@ -317,16 +320,20 @@ class Session:
             if self.counters.rejected == 1:
                 log.warning("rejected a %s frame from %s: %s", stream, info.sender_id, exc)
             return
-        if media.seq > self._next_seq and not media.late:
+        expected = media.seq if self._next_seq is None else self._next_seq
+        if media.seq > expected and not media.late:
             self.ctx.metrics.frames_lost.labels(sender=info.sender_id, stream=stream).inc(
-                media.seq - self._next_seq
+                media.seq - expected
             )
-        self._next_seq = max(self._next_seq, media.seq + 1)
+        self._next_seq = max(expected, media.seq + 1)
         arrival = monotonic_us()
         local_capture = self.clock.to_local(media.capture_us)
         if local_capture is not None and not media.late:
             latency = max(arrival - local_capture, 0) / 1e6
             self.ctx.metrics.frame_latency.labels(stream=stream).observe(latency)
+            skew = self.ctx.skew.observe(info.sender_id, info.kind, latency)
+            if skew is not None:
+                self.ctx.metrics.av_skew.labels(sender=info.sender_id).set(skew)
         self.counters.frames_in += 1
         self.ctx.metrics.frames_received.labels(sender=info.sender_id, stream=stream).inc()
         self.ctx.metrics.bytes_received.labels(sender=info.sender_id, stream=stream).inc(

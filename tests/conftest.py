@@ -156,6 +156,7 @@ def receiver_env(pki: CertPaths, tokens_file: Path, **extra: str) -> dict[str, s
         "AVD_TLS_KEY": str(pki.receiver_key),
         "AVD_TOKENS_FILE": str(tokens_file),
         "AVD_METRICS_ADDR": "127.0.0.1:0",
+        "AVD_PLAYBACK": "none",  # no sound card here; the audio tests choose ALSA file devices
     }
     env.update(extra)
     return env

@@ -55,6 +55,17 @@ def _start_sender(
     return daemon
 
 
+def _log_time(log: str, pattern: str) -> float:
+    """Seconds of the day of the first text-format log line matching ``pattern``."""
+    for line in log.splitlines():
+        if re.search(pattern, line):
+            stamp = re.match(r"\d{4}-\d\d-\d\dT(\d\d):(\d\d):(\d\d\.\d+)Z", line)
+            assert stamp, line
+            hours, minutes, seconds = stamp.groups()
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    raise AssertionError(f"no log line matches {pattern!r}")
+
+
 def _sender_metrics_url(sender: Daemon) -> str:
     return sender.wait_for_log(r"metrics=(http://\S+)").group(1)
 
@@ -83,6 +94,11 @@ def test_streams_video_and_audio_and_stops_cleanly(
         assert latency_count > 0, f"no latency measured for {stream}"
         assert metric(samples, "avd_bytes_received_total", sender="cam1", stream=stream) > 0
     assert metric(samples, "avd_auth_failures_total") == 0
+    assert metric(samples, "avd_frames_lost_total") == 0
+    assert metric(samples, "avd_frames_rejected_total") == 0
+    skew = [v for (name, labels), v in samples.items() if name == "avd_av_skew_seconds"]
+    assert len(skew) == 1
+    assert abs(skew[0]) < 0.5, skew
     log = handle.daemon.log_text()
     assert re.search(
         r"connection opened peer=127\.0\.0\.1:\d+ sender=cam1 stream=video tls=TLSv1\.3/", log
@@ -278,13 +294,19 @@ def test_sender_streams_again_within_2s_of_a_receiver_restart(
     )
     restarted = start_receiver(env, tmp_path / "receiver2.log")
     daemons.append(restarted.daemon)
-    ready = time.monotonic()
     wait_until(
         lambda: (
             _received(restarted, "cam1", "video") > 0 and _received(restarted, "cam1", "audio") > 0
         ),
         10,
     )
+    # Timed by the receiver's own log clock: from listening to both streams authenticated.
+    log = restarted.daemon.log_text()
+    ready = _log_time(log, r"listening on")
+    opened = [_log_time(log, rf"connection opened .*stream={kind}") for kind in ("video", "audio")]
+    assert max(opened) - ready < 2.0, log
+    # Sequence numbers run on across the reconnect: nothing is miscounted as lost.
+    assert metric(restarted.metrics(), "avd_frames_lost_total") < 5
     assert time.monotonic() - ready < 2.0 + 0.5  # 0.5 s of slack for scraping on a busy machine
 
 
