@@ -21,6 +21,8 @@ Byte layout (all integers big-endian)::
       .  1  t              token length, 32..128
       .  t  token          ASCII, never logged
       .  1  flags          bit 0: probe (authenticate only, then goodbye: `avd check`)
+      .  8  first seq      u64, the lowest seq this session may carry: the receiver acks
+                           from there (frames below it were acknowledged or given up)
       video format: width u16, height u16, fps u16, jpeg quality u8          (7 bytes)
       audio format: rate u32, channels u8, sample width u8, chunk frames u16 (8 bytes)
 
@@ -72,6 +74,7 @@ MEDIA_PREFIX = struct.Struct(">QQB")
 WELCOME_BODY = struct.Struct(">III")
 HEARTBEAT_BODY = struct.Struct(">QQI")
 ACK_BODY = struct.Struct(">Q")
+FIRST_SEQ = struct.Struct(">Q")
 VIDEO_FORMAT = struct.Struct(">HHHB")
 AUDIO_FORMAT = struct.Struct(">IBBH")
 
@@ -126,6 +129,7 @@ class Hello:
     token: bytes = field(repr=False)  # never shown: repr(Hello) omits it
     version: int = VERSION
     probe: bool = False  # authenticate only: no stream starts, no session is replaced
+    first_seq: int = 0  # the lowest seq this session may carry (spooled frames included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +223,7 @@ def encode_hello(hello: Hello) -> bytes:
             bytes((len(hello.token),)),
             hello.token,
             bytes((FLAG_PROBE if hello.probe else 0,)),
+            FIRST_SEQ.pack(hello.first_seq),
             _encode_format(hello.format),
         )
     )
@@ -278,7 +283,8 @@ def _decode_hello(body: bytes) -> Hello:
         t = body[2 + n]
         token = body[3 + n : 3 + n + t]
         flags = body[3 + n + t]
-        pos = 3 + n + t + 1
+        (first_seq,) = FIRST_SEQ.unpack_from(body, 4 + n + t)
+        pos = 4 + n + t + FIRST_SEQ.size
         fmt_struct = VIDEO_FORMAT if kind is StreamKind.VIDEO else AUDIO_FORMAT
         values = fmt_struct.unpack_from(body, pos)
     except (IndexError, ValueError, struct.error) as exc:
@@ -292,7 +298,12 @@ def _decode_hello(body: bytes) -> Hello:
         raise RemoteProtocolError("malformed hello: token length out of range")
     fmt: MediaFormat = VideoFormat(*values) if kind is StreamKind.VIDEO else AudioFormat(*values)
     return Hello(
-        sender_id=sender_id, kind=kind, format=fmt, token=token, probe=bool(flags & FLAG_PROBE)
+        sender_id=sender_id,
+        kind=kind,
+        format=fmt,
+        token=token,
+        probe=bool(flags & FLAG_PROBE),
+        first_seq=first_seq,
     )
 
 

@@ -45,14 +45,19 @@ VOICE = AudioFormat(rate=48000, channels=1, sample_width=2, chunk=960)
 GOLDEN: list[tuple[Event, str]] = [
     (
         Hello(sender_id="cam1", kind=StreamKind.VIDEO, format=VGA, token=TOKEN),
-        # header: AV v1 type 1, 47 bytes | kind 1, id "cam1", token 32, flags 0,
-        # 640 480 20 fps quality 70
-        "4156 01 01 0000002f | 01 04 63616d31 20" + TOKEN_HEX + "00 0280 01e0 0014 46",
+        # header: AV v1 type 1, 55 bytes | kind 1, id "cam1", token 32, flags 0,
+        # first seq 0, 640 480 20 fps quality 70
+        "4156 01 01 00000037 | 01 04 63616d31 20"
+        + TOKEN_HEX
+        + "00 0000000000000000 0280 01e0 0014 46",
     ),
     (
-        Hello(sender_id="mic-1", kind=StreamKind.AUDIO, format=VOICE, token=TOKEN),
-        # 49 bytes | kind 2, id "mic-1", token, flags, 48000 Hz, 1 channel, 2 bytes, 960 frames
-        "4156 01 01 00000031 | 02 05 6d69632d31 20" + TOKEN_HEX + "00 0000bb80 01 02 03c0",
+        Hello(sender_id="mic-1", kind=StreamKind.AUDIO, format=VOICE, token=TOKEN, first_seq=258),
+        # 57 bytes | kind 2, id "mic-1", token, flags, first seq 258, 48000 Hz, 1 channel,
+        # 2 bytes, 960 frames
+        "4156 01 01 00000039 | 02 05 6d69632d31 20"
+        + TOKEN_HEX
+        + "00 0000000000000102 0000bb80 01 02 03c0",
     ),
     (
         Welcome(session_id=7, heartbeat_ms=1000, max_payload=8 * 1024 * 1024),
@@ -350,7 +355,7 @@ def hello_body(
 ) -> bytes:
     n = len(sender) if n is None else n
     t = len(token) if t is None else t
-    return bytes((kind, n)) + sender + bytes((t,)) + token + b"\x00" + fmt
+    return bytes((kind, n)) + sender + bytes((t,)) + token + b"\x00" + bytes(8) + fmt
 
 
 SECRET = b"S3cr3t-T0ken-" + b"q" * 19 + b"-end"  # 36 bytes, easy to spot in any text
@@ -594,4 +599,4 @@ def test_bytes_in_counts_everything_received() -> None:
     conn = open_receiver()
     assert conn.bytes_in == len(encode(Hello("cam1", StreamKind.VIDEO, VGA, TOKEN)))
     conn.receive_data(b"AV")
-    assert conn.bytes_in == 8 + 47 + 2  # the hello's header and body, then two bytes
+    assert conn.bytes_in == 8 + 55 + 2  # the hello's header and body, then two bytes

@@ -48,10 +48,22 @@ tokens = st.text(
     st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=32, max_size=128
 ).map(str.encode) | st.sampled_from([b"k" * 32, b"K" * 128])
 video_hellos = st.builds(
-    Hello, sender_ids, st.just(StreamKind.VIDEO), st.builds(VideoFormat, U16, U16, U16, U8), tokens
+    Hello,
+    sender_ids,
+    st.just(StreamKind.VIDEO),
+    st.builds(VideoFormat, U16, U16, U16, U8),
+    tokens,
+    probe=st.booleans(),
+    first_seq=U64,
 )
 audio_hellos = st.builds(
-    Hello, sender_ids, st.just(StreamKind.AUDIO), st.builds(AudioFormat, U32, U8, U8, U16), tokens
+    Hello,
+    sender_ids,
+    st.just(StreamKind.AUDIO),
+    st.builds(AudioFormat, U32, U8, U8, U16),
+    tokens,
+    probe=st.booleans(),
+    first_seq=U64,
 )
 hellos = video_hellos | audio_hellos
 welcomes = st.builds(Welcome, U32, U32, U32)
