@@ -14,6 +14,7 @@ import logging
 
 from avd.backoff import Backoff
 from avd.capture import CaptureThread
+from avd.clock import monotonic_us
 from avd.config import SenderSettings, credentials_directory
 from avd.errors import ConfigError
 from avd.media.base import CapturedFrame, MediaSource, StreamKind
@@ -78,6 +79,8 @@ class Sender:
         self.sources = build_sources(settings)
         self.clients: list[StreamClient] = []
         self.captures: list[CaptureThread] = []
+        # (monotonic µs, video frames sent) at the last status_line: its fps is measured.
+        self._sent_mark: tuple[int, float] | None = None
 
     def _queue_capacity(self, kind: StreamKind) -> int:
         s = self.settings
@@ -126,9 +129,31 @@ class Sender:
         )
 
     def status_line(self) -> str:
-        parts = [f"{c.label}: {c.state}" for c in self.clients]
+        """One line for ``systemctl status``: what streams where and how fast, or why not."""
+        streaming = [c for c in self.clients if c.state == "streaming"]
+        parts = [f"{c.label}: {c.state}" for c in self.clients if c.state != "streaming"]
+        fps = self._video_fps_since_last_call()
+        if streaming:
+            host = self.settings.receiver_host
+            where = f"[{host}]" if ":" in host else host
+            ports = "/".join(str(c.endpoint.port) for c in streaming)
+            text = f"streaming {'+'.join(c.label for c in streaming)} to {where}:{ports}"
+            if fps is not None and any(c.kind is StreamKind.VIDEO for c in streaming):
+                text += f", {fps:.1f} fps"
+            parts.insert(0, text)
         errors = [c.error for c in self.captures if c.error]
         return "; ".join(parts + errors)
+
+    def _video_fps_since_last_call(self) -> float | None:
+        """Video frames sent per second since the previous call; None on the first call."""
+        sent = self.metrics.registry.get_sample_value(
+            "avd_frames_sent_total", {"stream": StreamKind.VIDEO.label}
+        )
+        now = monotonic_us()
+        previous, self._sent_mark = self._sent_mark, (now, sent or 0.0)
+        if previous is None or now <= previous[0]:
+            return None
+        return (self._sent_mark[1] - previous[1]) * 1e6 / (now - previous[0])
 
     def all_open(self) -> bool:
         return all(c.opened.is_set() for c in self.captures)
