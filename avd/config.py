@@ -202,6 +202,12 @@ class SenderSettings(CommonSettings):
     audio_queue_ms: Annotated[int, Field(ge=50, le=60_000)] = Field(
         1000, description="audio held while the network is slow; the oldest is dropped"
     )
+    spool_seconds: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        30.0, description="seconds of unacknowledged media kept for re-sending after an outage"
+    )
+    spool_max_mb: Annotated[int, Field(ge=1, le=65_536)] = Field(
+        64, description="memory cap of each stream's spool, in MiB"
+    )
 
     @field_validator("sender_id")
     @classmethod

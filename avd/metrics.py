@@ -51,9 +51,13 @@ class ReceiverMetrics:
         self.frames_rejected = Counter(
             "avd_frames_rejected", "Media frames refused by validation", ["reason"], registry=r
         )
-        self.frames_lost = Counter(
-            "avd_frames_lost", "Gaps in sequence numbers", ["sender", "stream"], registry=r
+        self.frames_late = Counter(
+            "avd_frames_late",
+            "Late frames received (from a sender's spool)",
+            ["sender", "stream"],
+            registry=r,
         )
+        self.acks_sent = Counter("avd_acks_sent", "Acknowledgements sent", ["stream"], registry=r)
         self.rtt = Gauge(
             "avd_rtt_seconds", "Heartbeat round-trip time", ["sender", "stream"], registry=r
         )
@@ -79,9 +83,27 @@ class SenderMetrics:
         )
         self.frames_dropped = Counter(
             "avd_frames_dropped",
-            "Frames dropped because the network was slow or away",
+            "Frames the live queue dropped (network slow or away); the spool still has them",
             ["stream"],
             registry=r,
+        )
+        self.frames_backfilled = Counter(
+            "avd_frames_backfilled",
+            "Spooled frames sent late, behind the live stream",
+            ["stream"],
+            registry=r,
+        )
+        self.frames_lost = Counter(
+            "avd_frames_lost",
+            "Frames evicted from the spool before the receiver acknowledged them",
+            ["stream"],
+            registry=r,
+        )
+        self.spool_frames = Gauge(
+            "avd_spool_frames", "Frames held until acknowledged", ["stream"], registry=r
+        )
+        self.spool_bytes = Gauge(
+            "avd_spool_bytes", "Bytes held until acknowledged", ["stream"], registry=r
         )
         self.frames_captured = Counter(
             "avd_frames_captured", "Frames captured from the sources", ["stream"], registry=r
@@ -94,7 +116,14 @@ class SenderMetrics:
         )
         self.rtt = Gauge("avd_rtt_seconds", "Heartbeat round-trip time", ["stream"], registry=r)
         for stream in ("video", "audio"):
-            for metric in (self.frames_sent, self.frames_dropped, self.reconnects, self.connected):
+            for metric in (
+                self.frames_sent,
+                self.frames_dropped,
+                self.frames_backfilled,
+                self.frames_lost,
+                self.reconnects,
+                self.connected,
+            ):
                 metric.labels(stream=stream)
 
 

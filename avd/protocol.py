@@ -10,7 +10,8 @@ Byte layout (all integers big-endian)::
     header, 8 bytes, before every message
       0  2  magic          b"AV" (0x41 0x56)
       2  1  version        protocol version, 1
-      3  1  type           1 hello, 2 welcome, 3 refused, 4 media, 5 heartbeat, 6 ack, 7 goodbye
+      3  1  type           1 hello, 2 welcome, 3 refused, 4 media, 5 heartbeat, 6 ack,
+                           7 goodbye, 8 floor
       4  4  length         payload length in bytes, checked against the type's limit
                            before a single payload byte is buffered
 
@@ -46,6 +47,11 @@ Byte layout (all integers big-endian)::
 
     ack (receiver -> sender, 8 bytes)
       0  8  seq            u64, every frame up to and including seq is durably recorded
+
+    floor (sender -> receiver, 8 bytes)
+      0  8  seq            u64, the oldest frame the sender still holds: every frame below
+                           it was acknowledged or evicted from the spool, so the receiver's
+                           acknowledgement may pass any gap below it
 
     goodbye (both ways, 2..257 bytes)
       0  1  reason         0 bye, 1 shutdown, 2 timeout, 3 protocol error, 4 replaced,
@@ -99,6 +105,7 @@ class MessageType(enum.IntEnum):
     HEARTBEAT = 5
     ACK = 6
     GOODBYE = 7
+    FLOOR = 8
 
 
 class GoodbyeReason(enum.IntEnum):
@@ -117,6 +124,7 @@ _EXACT_SIZE = {
     MessageType.REFUSED: 0,
     MessageType.HEARTBEAT: HEARTBEAT_BODY.size,
     MessageType.ACK: ACK_BODY.size,
+    MessageType.FLOOR: ACK_BODY.size,
 }
 _MAX_SIZE = {MessageType.HELLO: 512, MessageType.GOODBYE: 257}
 
@@ -165,6 +173,11 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Floor:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Goodbye:
     reason: GoodbyeReason | int
     text: str = ""
@@ -175,7 +188,7 @@ class ConnectionClosed:
     """The peer closed the byte stream cleanly, between two messages."""
 
 
-Event = Hello | Welcome | Refused | Media | Heartbeat | Ack | Goodbye | ConnectionClosed
+Event = Hello | Welcome | Refused | Media | Heartbeat | Ack | Floor | Goodbye | ConnectionClosed
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +278,8 @@ def _encode_message(event: Event) -> bytes:
         return _frame(MessageType.HEARTBEAT, body)
     if isinstance(event, Ack):
         return _frame(MessageType.ACK, ACK_BODY.pack(event.seq))
+    if isinstance(event, Floor):
+        return _frame(MessageType.FLOOR, ACK_BODY.pack(event.seq))
     if isinstance(event, Goodbye):
         # Cut on a character boundary: the layout promises UTF-8, not a split code point.
         text = event.text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")
@@ -330,6 +345,8 @@ def decode_body(kind: MessageType, body: bytes) -> Event:
         return Welcome(*WELCOME_BODY.unpack(body))
     if kind is MessageType.ACK:
         return Ack(*ACK_BODY.unpack(body))
+    if kind is MessageType.FLOOR:
+        return Floor(*ACK_BODY.unpack(body))
     if kind is MessageType.GOODBYE:
         return _decode_goodbye(body)
     return Refused()
@@ -404,7 +421,7 @@ class State(enum.Enum):
 _ALLOWED_IN: dict[tuple[Role, State], frozenset[MessageType]] = {
     (Role.RECEIVER, State.AWAIT_HELLO): frozenset({MessageType.HELLO}),
     (Role.RECEIVER, State.OPEN): frozenset(
-        {MessageType.MEDIA, MessageType.HEARTBEAT, MessageType.GOODBYE}
+        {MessageType.MEDIA, MessageType.HEARTBEAT, MessageType.FLOOR, MessageType.GOODBYE}
     ),
     (Role.SENDER, State.AWAIT_WELCOME): frozenset(
         {MessageType.WELCOME, MessageType.REFUSED, MessageType.GOODBYE}
@@ -509,7 +526,7 @@ class Connection:
             ok = role is Role.SENDER and state is State.AWAIT_WELCOME and not self._hello_sent
         elif isinstance(event, Welcome | Refused):
             ok = role is Role.RECEIVER and state is State.HELLO_RECEIVED
-        elif isinstance(event, Media):
+        elif isinstance(event, Media | Floor):
             ok = role is Role.SENDER and state is State.OPEN
         elif isinstance(event, Ack):
             ok = role is Role.RECEIVER and state is State.OPEN

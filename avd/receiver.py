@@ -14,6 +14,7 @@ import contextlib
 import logging
 import ssl
 from collections import Counter as Tally
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from avd import protocol
@@ -127,6 +128,16 @@ class Receiver:
         for (sender_id, _), session in list(self.sessions.items()):
             if sender_id in revoked:
                 session.close(CloseReason.TOKEN_REVOKED)
+
+    def frames_done(self, batch: Iterable[tuple[str, StreamKind, int]]) -> None:
+        """A recorder finished these frames: route them to their sessions' acks (loop only)."""
+        by_session: dict[tuple[str, StreamKind], list[int]] = {}
+        for sender_id, kind, seq in batch:
+            by_session.setdefault((sender_id, kind), []).append(seq)
+        for key, seqs in by_session.items():
+            session = self.sessions.get(key)
+            if session is not None:
+                session.frames_done(seqs)
 
     def status_line(self) -> str:
         senders = sorted({sender for sender, _ in self.sessions})

@@ -20,6 +20,7 @@ from avd.errors import ConfigError
 from avd.media.base import CapturedFrame, MediaSource, StreamKind
 from avd.metrics import SenderMetrics
 from avd.queues import DropOldestQueue
+from avd.spool import Spool
 from avd.stream_client import Endpoint, StreamClient
 from avd.tls import sender_context
 from avd.tokens import Token, read_sender_token
@@ -98,14 +99,24 @@ class Sender:
             self._queue_capacity(source.kind), loop
         )
         label = source.kind.label
-        captured = self.metrics.frames_captured.labels(stream=label)
-        dropped = self.metrics.frames_dropped.labels(stream=label)
+        spool = Spool(max_bytes=s.spool_max_mb * 1024 * 1024, max_age_us=int(s.spool_seconds * 1e6))
+        m = self.metrics
+        captured, dropped = (
+            m.frames_captured.labels(stream=label),
+            m.frames_dropped.labels(stream=label),
+        )
+        lost = m.frames_lost.labels(stream=label)
+        m.spool_frames.labels(stream=label).set_function(lambda: len(spool))
+        m.spool_bytes.labels(stream=label).set_function(lambda: spool.bytes)
         seqs = itertools.count()
 
         def deliver(frame: CapturedFrame) -> None:
-            # Numbered at capture, so frames dropped here show as gaps at the receiver.
+            # Numbered at capture; kept in the spool until acknowledged, so a frame the live
+            # queue drops is sent later as a late frame instead of being lost.
+            seq = next(seqs)
             captured.inc()
-            dropped.inc(queue.put((next(seqs), frame)))
+            lost.inc(spool.add(seq, frame))
+            dropped.inc(queue.put((seq, frame)))
 
         self.captures.append(CaptureThread(source, deliver, queue.close))
         endpoint = Endpoint(
@@ -123,6 +134,7 @@ class Sender:
                 token=self.token,
                 media_format=source.format,
                 queue=queue,
+                spool=spool,
                 metrics=self.metrics,
                 backoff=Backoff(first_s=0.5, cap_s=s.reconnect_max_s),
             )

@@ -15,10 +15,11 @@ import contextlib
 import itertools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from avd import protocol
+from avd.acks import AckWatermark
 from avd.clock import ClockSync, monotonic_us
 from avd.errors import BadFrame, RemoteProtocolError
 from avd.logs import CloseReason, auth_failed, connection_closed, connection_opened
@@ -39,6 +40,8 @@ from avd.tokens import TokenStore
 log = logging.getLogger("avd.receiver")
 
 READ_SIZE = 256 * 1024
+# Acks are batched: one per ACK_DELAY_S at most, whatever the frame rate.
+ACK_DELAY_S = 0.1
 # A peer that does not read its heartbeats and goodbyes must not make us buffer for it.
 MAX_WRITE_BUFFER = 1024 * 1024
 
@@ -72,6 +75,9 @@ class SessionContext:
     register: Callable[[Session], None]
     unregister: Callable[[Session], None]
     skew: SkewTracker = field(default_factory=SkewTracker)
+    # True when a recorder reports each frame done (recorded, duplicate or given up) through
+    # Receiver.frames_done; otherwise a frame is done as soon as it arrives.
+    acks_after_recording: bool = False
 
 
 @dataclass
@@ -125,7 +131,9 @@ class Session:
         self.started_us = monotonic_us()
         self.last_rx_us = self.started_us
         self._close_reason: CloseReason | None = None
-        self._next_seq: int | None = None  # sequence numbers run on across reconnects
+        self.acks = AckWatermark(0)
+        self._acks_sent = -1
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
         self._last_hb_sent_us = 0
         self._claimed_id: str | None = None  # an authenticated probe's id, for the log
@@ -174,6 +182,9 @@ class Session:
 
     async def _finish(self, reason: CloseReason) -> None:
         reason = self._close_reason or reason
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._send_ack()  # what is recorded by now, the sender may forget
         if self.info is not None:
             self.ctx.skew.forget(self.info.sender_id, self.info.kind)
             self.ctx.unregister(self)
@@ -257,6 +268,7 @@ class Session:
             peer=self.peer,
             session_id=self.session_id,
         )
+        self.acks = AckWatermark(hello.first_seq)
         self.ctx.register(self)
         self.ctx.metrics.connections_active.labels(stream=hello.kind.label).inc()
         self.ctx.sink.stream_started(self.info)
@@ -292,6 +304,9 @@ class Session:
                     self._on_media(event)
                 elif isinstance(event, protocol.Heartbeat):
                     self._on_heartbeat(event)
+                elif isinstance(event, protocol.Floor):
+                    if self.acks.floor(event.seq):
+                        self._schedule_ack()
                 elif isinstance(event, protocol.Goodbye):
                     return GOODBYE_TO_CLOSE.get(int(event.reason), CloseReason.BYE)
                 elif isinstance(event, protocol.ConnectionClosed):
@@ -319,13 +334,10 @@ class Session:
             self.ctx.metrics.frames_rejected.labels(reason=f"{stream}-invalid").inc()
             if self.counters.rejected == 1:
                 log.warning("rejected a %s frame from %s: %s", stream, info.sender_id, exc)
+            self.frames_done((media.seq,))  # resending a bad frame would not make it good
             return
-        expected = media.seq if self._next_seq is None else self._next_seq
-        if media.seq > expected and not media.late:
-            self.ctx.metrics.frames_lost.labels(sender=info.sender_id, stream=stream).inc(
-                media.seq - expected
-            )
-        self._next_seq = max(expected, media.seq + 1)
+        if media.late:
+            self.ctx.metrics.frames_late.labels(sender=info.sender_id, stream=stream).inc()
         arrival = monotonic_us()
         local_capture = self.clock.to_local(media.capture_us)
         if local_capture is not None and not media.late:
@@ -343,6 +355,31 @@ class Session:
             media.seq, media.capture_us, arrival, local_capture, media.data, media.late
         )
         self.ctx.sink.frame(info, frame)
+        if not self.ctx.acks_after_recording:
+            self.frames_done((media.seq,))
+
+    # ---- acknowledgements --------------------------------------------------------------
+
+    def frames_done(self, seqs: Iterable[int]) -> None:
+        """These frames are finished with: acknowledge them (batched, within ACK_DELAY_S)."""
+        moved = False
+        for seq in seqs:
+            moved = self.acks.done(seq) or moved
+        if moved:
+            self._schedule_ack()
+
+    def _schedule_ack(self) -> None:
+        if self._ack_timer is None:
+            loop = asyncio.get_running_loop()
+            self._ack_timer = loop.call_later(ACK_DELAY_S, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        if self.acks.acked > self._acks_sent and self.conn.state is protocol.State.OPEN:
+            self._acks_sent = self.acks.acked
+            self._write(self.conn.send(protocol.Ack(self.acks.acked)))
+            assert self.info is not None
+            self.ctx.metrics.acks_sent.labels(stream=self.info.kind.label).inc()
 
     @staticmethod
     def _validate(info: StreamInfo, data: bytes) -> None:

@@ -29,6 +29,7 @@ from avd.media.base import CapturedFrame, MediaFormat, StreamKind
 from avd.metrics import SenderMetrics
 from avd.protocol import GoodbyeReason, Role
 from avd.queues import DropOldestQueue
+from avd.spool import Spool
 from avd.tokens import Token
 
 log = logging.getLogger("avd.sender")
@@ -92,12 +93,13 @@ class StreamClient:
         token: Token,
         media_format: MediaFormat,
         queue: DropOldestQueue[tuple[int, CapturedFrame]],
+        spool: Spool,
         metrics: SenderMetrics,
         backoff: Backoff,
     ) -> None:
         self.kind, self.endpoint = kind, endpoint
         self.sender_id, self.token, self.media_format = sender_id, token, media_format
-        self.queue, self.metrics, self.backoff = queue, metrics, backoff
+        self.queue, self.spool, self.metrics, self.backoff = queue, spool, metrics, backoff
         self.label = kind.label
         self.state = "starting"
         self.connected = False
@@ -201,8 +203,14 @@ class StreamClient:
         )
         try:
             conn = protocol.Connection(Role.SENDER)
+            # Acks count from the oldest frame still held: the receiver must not skip it.
+            first_seq = self.spool.floor()
             hello = protocol.Hello(
-                self.sender_id, self.kind, self.media_format, self.token.as_bytes()
+                self.sender_id,
+                self.kind,
+                self.media_format,
+                self.token.as_bytes(),
+                first_seq=first_seq,
             )
             writer.write(conn.send(hello))
             welcome = await _unless_stopped(
@@ -221,7 +229,14 @@ class StreamClient:
                 stream=self.label,
                 peer=f"{ep.host}:{ep.port}",
             )
-            link = _Link(self, conn, reader, writer, welcome.heartbeat_ms / 1000)
+            link = _Link(
+                self,
+                conn,
+                reader,
+                writer,
+                heartbeat_s=welcome.heartbeat_ms / 1000,
+                first_seq=first_seq,
+            )
             await link.run(stop)
         finally:
             writer.close()
@@ -255,9 +270,14 @@ class _Link:
         conn: protocol.Connection,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
         heartbeat_s: float,
+        first_seq: int,
     ) -> None:
         self.client, self.conn = client, conn
+        self.backfill_cursor = first_seq - 1  # spooled frames above it may still be unsent
+        self.sent: set[int] = set()  # sent in this session and not yet acknowledged
+        self.floor_sent = first_seq
         self.reader, self.writer = reader, writer
         self.heartbeat_s = max(heartbeat_s, 0.05)
         self.last_rx_us = monotonic_us()
@@ -293,22 +313,46 @@ class _Link:
             await asyncio.wait_for(self.writer.drain(), timeout=1.0)
 
     async def _pump(self) -> None:
+        """Live frames first; when none is waiting, the spool's unsent frames, as late ones."""
         client = self.client
         sent = client.metrics.frames_sent.labels(stream=client.label)
         sent_bytes = client.metrics.bytes_sent.labels(stream=client.label)
+        backfilled = client.metrics.frames_backfilled.labels(stream=client.label)
         while True:
-            item = await client.queue.get()
+            late = False
+            item = client.queue.get_nowait()
+            if item is None and (item := self._next_backfill()) is not None:
+                late = True
             if item is None:
-                raise SourceEnded
+                item = await client.queue.get()
+                if item is None:
+                    raise SourceEnded
             seq, frame = item
-            head, payload = self.conn.send_media(protocol.Media(seq, frame.capture_us, frame.data))
+            media = protocol.Media(seq, frame.capture_us, frame.data, late=late)
+            head, payload = self.conn.send_media(media)
             self.writer.write(head)
             self.writer.write(payload)
+            self.sent.add(seq)
             sent.inc()
             sent_bytes.inc(len(payload))
+            if late:
+                backfilled.inc()
             # Waits only while the socket's buffer is over its high-water mark; meanwhile
             # the capture thread keeps going and the queue drops the oldest frames.
             await self.writer.drain()
+
+    def _next_backfill(self) -> tuple[int, CapturedFrame] | None:
+        """The oldest spooled frame not yet sent in this session."""
+        while (found := self.client.spool.next_after(self.backfill_cursor)) is not None:
+            self.backfill_cursor = found[0]
+            if found[0] not in self.sent:
+                return found
+        return None
+
+    def _on_ack(self, seq: int) -> None:
+        self.client.spool.ack(seq)
+        self.client.acked_seq = max(self.client.acked_seq, seq)
+        self.sent = {s for s in self.sent if s > seq}
 
     async def _read(self) -> None:
         while True:
@@ -319,7 +363,7 @@ class _Link:
                 if isinstance(event, protocol.Heartbeat):
                     self._on_heartbeat(event)
                 elif isinstance(event, protocol.Ack):
-                    self.client.acked_seq = max(self.client.acked_seq, event.seq)
+                    self._on_ack(event.seq)
                 elif isinstance(event, protocol.Goodbye):
                     raise SessionEnded(event.reason, event.text)
                 elif isinstance(event, protocol.ConnectionClosed):
@@ -350,3 +394,11 @@ class _Link:
             if silent_s > MISSED_HEARTBEATS * self.heartbeat_s:
                 raise TimeoutError(f"the receiver sent nothing for {silent_s:.1f} s")
             self._send_heartbeat()
+            self._send_floor()
+
+    def _send_floor(self) -> None:
+        """Tell the receiver when frames were evicted unsent, so its acks can pass them."""
+        floor = self.client.spool.floor()
+        if floor > self.floor_sent:
+            self.floor_sent = floor
+            self.writer.write(self.conn.send(protocol.Floor(floor)))

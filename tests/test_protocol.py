@@ -16,6 +16,7 @@ from avd.media.base import AudioFormat, StreamKind, VideoFormat
 from avd.protocol import (
     MEDIA_PREFIX,
     Ack,
+    Floor,
     Connection,
     ConnectionClosed,
     Event,
@@ -78,6 +79,7 @@ GOLDEN: list[tuple[Event, str]] = [
     ),
     (Heartbeat(sent_us=5), "4156 01 05 00000014 | 0000000000000005 0000000000000000 00000000"),
     (Ack(seq=41), "4156 01 06 00000008 | 0000000000000029"),
+    (Floor(seq=258), "4156 01 08 00000008 | 0000000000000102"),
     (Goodbye(GoodbyeReason.SHUTDOWN, "bye"), "4156 01 07 00000005 | 01 03 627965"),
     (Goodbye(GoodbyeReason.BYE), "4156 01 07 00000002 | 00 00"),
     # An unknown reason from a newer peer is kept as a plain int; "é" is 2 UTF-8 bytes.
@@ -293,7 +295,8 @@ def test_sender_never_accepts_media() -> None:
         (MessageType.REFUSED, 1, FrameTooLarge),
         (MessageType.HEARTBEAT, 19, RemoteProtocolError),
         (MessageType.HEARTBEAT, 21, FrameTooLarge),
-        (MessageType.ACK, 0, RemoteProtocolError),
+        (MessageType.ACK, 9, FrameTooLarge),
+        (MessageType.FLOOR, 7, RemoteProtocolError),
         (MessageType.ACK, 9, FrameTooLarge),
         (MessageType.HELLO, 513, FrameTooLarge),
         (MessageType.GOODBYE, 258, FrameTooLarge),
@@ -334,7 +337,7 @@ def test_other_versions_are_refused(version: int) -> None:
         conn.next_event()
 
 
-@pytest.mark.parametrize("kind", [0, 8, 255])
+@pytest.mark.parametrize("kind", [0, 9, 255])
 def test_unknown_types_are_refused(kind: int) -> None:
     conn = open_receiver()
     conn.receive_data(header(kind, 0))

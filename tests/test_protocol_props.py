@@ -21,6 +21,7 @@ from avd.protocol import (
     HEADER,
     SENDER_ID_RE,
     Ack,
+    Floor,
     Connection,
     ConnectionClosed,
     Event,
@@ -71,13 +72,14 @@ refusals = st.just(Refused())
 medias = st.builds(Media, U64, U64, st.binary(max_size=48), st.booleans())
 heartbeats = st.builds(Heartbeat, U64, U64, U32)
 acks = st.builds(Ack, U64)
+floors = st.builds(Floor, U64)
 goodbye_texts = st.text(max_size=255).filter(lambda text: len(text.encode()) <= 255)
 goodbyes = st.builds(
     Goodbye,
     st.sampled_from(GoodbyeReason) | st.integers(len(GoodbyeReason), 255),
     goodbye_texts | st.sampled_from(["", "é" * 127 + "x", "€" * 85]),
 )
-any_event = hellos | welcomes | refusals | medias | heartbeats | acks | goodbyes
+any_event = hellos | welcomes | refusals | medias | heartbeats | acks | floors | goodbyes
 
 STRATEGIES: dict[str, st.SearchStrategy[Event]] = {
     "hello": hellos,
@@ -86,6 +88,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Event]] = {
     "media": medias,
     "heartbeat": heartbeats,
     "ack": acks,
+    "floor": floors,
     "goodbye": goodbyes,
 }
 
@@ -152,7 +155,7 @@ def session_wire(
 @FAST
 @given(
     hello=hellos,
-    upstream=st.lists(medias | heartbeats, max_size=8),
+    upstream=st.lists(medias | heartbeats | floors, max_size=8),
     downstream=st.lists(acks | heartbeats, max_size=8),
     farewell=goodbyes,
     data=st.data(),
