@@ -10,14 +10,14 @@ import pytest
 
 from avd.capture import CaptureThread
 from avd.errors import DeviceError
-from avd.media.base import AudioFormat, CapturedFrame, StreamKind
+from avd.media.base import AudioFormat, CapturedFrame, MediaFormat, StreamKind
 
 
 class ScriptedSource:
     """Opens and reads as its script says: "fail" raises, bytes are frames, None ends."""
 
     kind = StreamKind.AUDIO
-    format = AudioFormat(44100, 1, 2, 1024)
+    format: MediaFormat = AudioFormat(44100, 1, 2, 1024)
     description = "scripted microphone"
 
     def __init__(self, opens: list[bool], reads: list[bytes | str | None]) -> None:
