@@ -132,6 +132,15 @@ class ReceiverSettings(CommonSettings):
     max_connections_per_ip: Annotated[int, Field(ge=1)] = Field(
         64, description="concurrent connections from one source address"
     )
+    auth_max_failures: Annotated[int, Field(ge=1, le=1000)] = Field(
+        5, description="failed authentications from one address before it is locked out"
+    )
+    auth_window_s: PositiveSeconds = Field(
+        60.0, description="the window in which those failures are counted"
+    )
+    auth_lockout_s: PositiveSeconds = Field(
+        600.0, description="how long a locked-out address is refused"
+    )
     max_video_frame_kb: Annotated[int, Field(ge=16, le=65536)] = Field(
         8192, description="largest JPEG frame accepted, in KiB"
     )

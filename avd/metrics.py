@@ -45,6 +45,21 @@ class ReceiverMetrics:
             ["reason"],
             registry=r,
         )
+        self.auth_lockouts = Counter(
+            "avd_auth_lockouts",
+            "Addresses locked out after repeated authentication failures",
+            registry=r,
+        )
+        self.locked_out_connections = Counter(
+            "avd_auth_locked_out_connections",
+            "Connections refused unread because their address is locked out",
+            registry=r,
+        )
+        self.tls_cert_expiry = Gauge(
+            "avd_tls_cert_expiry_seconds",
+            "Seconds until the receiver's certificate expires",
+            registry=r,
+        )
         self.connections_active = Gauge(
             "avd_connections_active", "Authenticated sessions open", ["stream"], registry=r
         )
@@ -71,6 +86,8 @@ class ReceiverMetrics:
             self.connections_active.labels(stream=stream)
             self.frame_latency.labels(stream=stream)
         self.auth_failures.inc(0)
+        self.auth_lockouts.inc(0)
+        self.locked_out_connections.inc(0)
 
 
 class SenderMetrics:

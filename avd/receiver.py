@@ -13,19 +13,22 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from avd import protocol
+from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
 from avd.config import ReceiverSettings
 from avd.errors import ConfigError
 from avd.logs import CloseReason, connection_closed
 from avd.media.base import MediaSink, StreamKind
 from avd.metrics import ReceiverMetrics
+from avd.ratelimit import AuthLockout
 from avd.session import Session, SessionContext
-from avd.tls import describe_tls, receiver_context
+from avd.tls import describe_tls, key_permission_problems, receiver_context
 from avd.tokens import TokenStore, removed_or_changed
 
 log = logging.getLogger("avd.receiver")
@@ -76,7 +79,16 @@ class Receiver:
             idle_timeout_s=settings.idle_timeout_s,
             register=self._register,
             unregister=self._unregister,
+            auth_result=self._auth_result,
         )
+        self.lockout = AuthLockout(
+            max_failures=settings.auth_max_failures,
+            window_s=settings.auth_window_s,
+            lockout_s=settings.auth_lockout_s,
+        )
+        for problem in key_permission_problems(settings.tls_key):
+            log.warning("AVD_TLS_KEY: %s", problem)
+        metrics.tls_cert_expiry.set_function(lambda: seconds_until_expiry(settings.tls_cert))
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -162,6 +174,19 @@ class Receiver:
         if self.sessions.get(key) is session:
             del self.sessions[key]
 
+    def _auth_result(self, ip: str, ok: bool) -> None:
+        now = time.monotonic()
+        if ok:
+            self.lockout.record_success(ip, now)
+        elif self.lockout.record_failure(ip, now):
+            self.metrics.auth_lockouts.inc()
+            log.warning(
+                "locking out %s for %.0f s after %d failed authentications",
+                ip,
+                self.settings.auth_lockout_s,
+                self.settings.auth_max_failures,
+            )
+
     def _spawn(
         self, kind: StreamKind, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -181,6 +206,11 @@ class Receiver:
         peername = writer.get_extra_info("peername")
         peer = format_peer(peername)
         ip = str(peername[0]) if isinstance(peername, tuple) else peer
+        if self.lockout.is_locked(ip, time.monotonic()):
+            # Refused unread and unlogged: the lockout itself was logged once.
+            self.metrics.locked_out_connections.inc()
+            writer.transport.abort()
+            return
         if not self._admit(ip):
             self.metrics.handshake_failures.labels(reason="too-many-connections").inc()
             log.warning("refused connection from %s: too many connections", peer)
@@ -188,7 +218,7 @@ class Receiver:
             return
         self._per_ip[ip] += 1
         try:
-            await self._handle_admitted(kind, reader, writer, peer)
+            await self._handle_admitted(kind, reader, writer, peer, ip)
         except Exception:
             log.exception("unexpected error in the session of %s", peer)
             writer.transport.abort()
@@ -203,6 +233,7 @@ class Receiver:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
+        ip: str,
     ) -> None:
         timeout = self.settings.handshake_timeout_s
         started = monotonic_us()
@@ -220,6 +251,7 @@ class Receiver:
             writer,
             peer=peer,
             port_kind=kind,
+            ip=ip,
             tls_version=version,
             tls_cipher=cipher,
         )

@@ -22,7 +22,7 @@ from avd.metrics import SenderMetrics
 from avd.queues import DropOldestQueue
 from avd.spool import Spool
 from avd.stream_client import Endpoint, StreamClient
-from avd.tls import sender_context
+from avd.tls import key_permission_problems, sender_context
 from avd.tokens import Token, read_sender_token
 
 log = logging.getLogger("avd.sender")
@@ -77,6 +77,12 @@ class Sender:
             key=settings.tls_key,
             allow_tls12=settings.allow_tls12,
         )
+        for variable, path in (
+            ("AVD_TLS_KEY", settings.tls_key),
+            ("AVD_TOKEN_FILE", settings.token_file),
+        ):
+            for problem in key_permission_problems(path) if path else []:
+                log.warning("%s: %s", variable, problem)
         self.sources = build_sources(settings)
         self.clients: list[StreamClient] = []
         self.captures: list[CaptureThread] = []

@@ -74,6 +74,7 @@ class SessionContext:
     idle_timeout_s: float
     register: Callable[[Session], None]
     unregister: Callable[[Session], None]
+    auth_result: Callable[[str, bool], None]  # (peer ip, token good?) for the lockout
     skew: SkewTracker = field(default_factory=SkewTracker)
     # True when a recorder reports each frame done (recorded, duplicate or given up) through
     # Receiver.frames_done; otherwise a frame is done as soon as it arrives.
@@ -89,6 +90,15 @@ class Counters:
     rejected: int = 0
     lost: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+
+def payload_bound(hello: Hello) -> int:
+    """The largest media payload this stream can need: bounds memory per connection."""
+    fmt = hello.format
+    if isinstance(fmt, VideoFormat):
+        # A JPEG is smaller than raw RGB plus its headers, even of pure noise at quality 100.
+        return fmt.width * fmt.height * 3 + 64 * 1024
+    return fmt.chunk_bytes
 
 
 def format_problem(hello: Hello) -> str | None:
@@ -116,12 +126,13 @@ class Session:
         *,
         peer: str,
         port_kind: StreamKind,
+        ip: str,
         tls_version: str,
         tls_cipher: str,
     ) -> None:
         self.ctx = ctx
         self.reader, self.writer = reader, writer
-        self.peer, self.port_kind = peer, port_kind
+        self.peer, self.port_kind, self.ip = peer, port_kind, ip
         self.tls_version, self.tls_cipher = tls_version, tls_cipher
         self.session_id = next(_session_ids)
         self.conn = protocol.Connection(Role.RECEIVER, ctx.limits)
@@ -222,13 +233,14 @@ class Session:
     def _authenticate(self, hello: Hello) -> bool:
         # The token check runs first and always, so every refusal costs the same.
         token_ok = self.ctx.tokens().verify(hello.sender_id, hello.token)
+        self.ctx.auth_result(self.ip, token_ok)
         problem = None if token_ok else "bad token"
         if problem is None and hello.kind is not self.port_kind:
             problem = f"{hello.kind.label} stream on the {self.port_kind.label} port"
         if problem is None:
             problem = format_problem(hello)
         if problem is None:
-            max_payload = self.ctx.limits.media_payload(hello.kind)
+            max_payload = min(self.ctx.limits.media_payload(hello.kind), payload_bound(hello))
             heartbeat_ms = int(self.ctx.heartbeat_s * 1000)
             self._write(
                 self.conn.send(protocol.Welcome(self.session_id, heartbeat_ms, max_payload))

@@ -16,6 +16,7 @@ from avd.config import (
     parse_host_port,
     settings_help,
 )
+from avd.envdoc import render_example_env
 from avd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,3 +160,9 @@ def test_config_example_documents_every_variable_with_its_default(
                 f"{variable}: example says {documented[variable]}"
             )
     assert "AVD_" in settings_help(cls)
+
+
+def test_config_example_is_exactly_what_the_settings_render() -> None:
+    assert (REPO / "config.example.env").read_text() == render_example_env(), (
+        "config.example.env is stale: run `python -m avd.envdoc > config.example.env`"
+    )

@@ -393,3 +393,57 @@ def test_hello_for_the_wrong_port_is_refused(
         reply = tls.recv(100)
     assert reply[:4] == b"AV\x01\x03"  # refused, and nothing about why
     assert len(reply) == 8
+
+
+def _hello_from(
+    address: str, port: int, pki: CertPaths, sender_id: str, token: bytes
+) -> bytes | None:
+    """One TLS hello from a given loopback source address; the reply, or None if cut off."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.bind((address, 0))
+    raw.settimeout(5)
+    try:
+        raw.connect(("127.0.0.1", port))
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            hello = Hello(sender_id, StreamKind.VIDEO, VideoFormat(640, 480, 20, 70), token)
+            tls.sendall(Connection(Role.SENDER).send(hello))
+            return tls.recv(100)
+    except (ssl.SSLError, ConnectionError):
+        return None
+    finally:
+        raw.close()
+
+
+def test_repeated_failures_lock_an_address_out_but_not_a_good_sender(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    env = receiver_env(pki, creds.tokens_file, AVD_AUTH_MAX_FAILURES="3", AVD_AUTH_LOCKOUT_S="60")
+    handle = start_receiver(env, tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    _start_sender(
+        daemons,
+        pki,
+        handle,
+        tmp_path,
+        "good",
+        "cam1",
+        creds.tokens["cam1"],
+        AVD_AUDIO_SOURCE="none",
+    )
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    for _ in range(3):
+        reply = _hello_from("127.0.0.2", handle.video_port, pki, "cam1", b"w" * 43)
+        assert reply == b"AV\x01\x03\x00\x00\x00\x00"  # refused, nothing about why
+    # Locked out now: even the right token from that address is cut off before TLS.
+    assert (
+        _hello_from("127.0.0.2", handle.video_port, pki, "cam1", creds.tokens["cam1"].encode())
+        is None
+    )
+    samples = handle.metrics()
+    assert metric(samples, "avd_auth_lockouts_total") == 1
+    assert metric(samples, "avd_auth_locked_out_connections_total") >= 1
+    before = _received(handle, "cam1", "video")
+    wait_until(lambda: _received(handle, "cam1", "video") >= before + 20)
+    log = handle.daemon.log_text()
+    assert len(re.findall(r"locking out 127\.0\.0\.2", log)) == 1
