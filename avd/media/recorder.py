@@ -277,7 +277,17 @@ class _SenderRecording:
             return True  # the sender's clock went back: it restarted
         if kind is not StreamKind.VIDEO and StreamKind.VIDEO in self._active:
             return False  # cut on a video frame while there is video
-        return held.capture_us - segment.start_us >= self._settings.segment_us
+        limit_us = self._settings.segment_us
+        if self._lost_a_track(segment):
+            # The sender's other stream has ended: a stopping sender ends its two streams a
+            # moment apart, and what trails belongs in this segment, not in a sliver of a
+            # segment of its own. A stream that carries on alone rolls one grace later.
+            limit_us += int(self._settings.grace * 1_000_000)
+        return held.capture_us - segment.start_us >= limit_us
+
+    def _lost_a_track(self, segment: SegmentWriter) -> bool:
+        tracks = {StreamKind.VIDEO: segment.video_format, StreamKind.AUDIO: segment.audio_format}
+        return any(fmt is not None and kind not in self._active for kind, fmt in tracks.items())
 
     def _open_segment(self, held: _Held) -> SegmentWriter:
         formats: dict[StreamKind, MediaFormat] = {k: i.format for k, i in self._active.items()}
