@@ -171,20 +171,23 @@ def test_a_stream_starting_mid_segment_opens_a_segment_that_includes_it(tmp_path
     assert sum(kind == "video" for kind, _, _ in demux(files[1])) == 10
 
 
-def test_late_frames_before_the_segment_are_counted_not_written(tmp_path: Path) -> None:
+def test_late_frames_join_the_live_segment_only_after_everything_in_it(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.1)
     recorder.stream_started(info(StreamKind.VIDEO))
     recorder.frame(info(StreamKind.VIDEO), received(0, BASE_US, jpeg(0)))
     wait_until(lambda: recorder.current_segment("cam1") is not None)
-    recorder.frame(info(StreamKind.VIDEO), received(1, BASE_US - 5_000_000, jpeg(1), late=True))
-    recorder.frame(info(StreamKind.VIDEO), received(2, BASE_US + 50_000, jpeg(2), late=True))
-    recorder.frame(info(StreamKind.VIDEO), received(3, BASE_US + 100_000, jpeg(3)))
+    recorder.frame(info(StreamKind.VIDEO), received(1, BASE_US - 2_000_000, jpeg(1), late=True))
+    recorder.frame(info(StreamKind.VIDEO), received(2, BASE_US + 100_000, jpeg(2), late=True))
+    recorder.frame(info(StreamKind.VIDEO), received(3, BASE_US + 150_000, jpeg(3)))
+    recorder.frame(info(StreamKind.VIDEO), received(4, BASE_US + 120_000, jpeg(4), late=True))
     recorder.close()
 
     stats = recorder.stats()["cam1"]
-    assert (stats.video_frames, stats.late_dropped) == (3, 1)
-    (path,) = segments(tmp_path)
-    assert [data for _, _, data in demux(path)] == [jpeg(0), jpeg(2), jpeg(3)]
+    assert (stats.video_frames, stats.late_recorded, stats.late_dropped) == (5, 3, 0)
+    live, backfill = sorted(segments(tmp_path), key=lambda p: "backfill" in p.name)
+    assert [data for _, _, data in demux(live)] == [jpeg(0), jpeg(2), jpeg(3)]
+    assert backfill.name.endswith("Z-backfill.mkv")
+    assert [data for _, _, data in demux(backfill)] == [jpeg(1), jpeg(4)]
 
 
 def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:

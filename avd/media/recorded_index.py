@@ -1,0 +1,141 @@
+"""What is already recorded of one sender, so that frames sent twice are recorded once.
+
+A sender re-sends every frame the receiver has not acknowledged; after a receiver crash, or a
+connection lost between a write and its acknowledgement, some of those are already in the
+recordings. A frame is known by its stream kind and its exact capture time (the sender's
+clock, µs): a spool re-sends the same stamp, and no two frames of a stream share one.
+
+``RecordedIndex`` holds the frames of the last ``window_s`` seconds: on the first stream of a
+sender in this process, those stamped in its segments modified within the window (written
+by a process that may have crashed; see ``SegmentWriter`` for the stamps), then every frame
+this process claims for writing. Only recently written frames can still be unacknowledged,
+so nothing older is needed; each stream's entries are also capped, so a burst far beyond
+any sane rate costs bounded memory (the price: a duplicate recorded twice, never a loss).
+Used on the recorder's writer thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import av.error
+
+from avd.media.base import StreamKind
+from avd.media.segment import TAG_SENDER, stamp_of
+
+log = logging.getLogger(__name__)
+
+# A day folder untouched for this long (beyond the window) holds no segment written within
+# the window: a segment created in it would have touched it, and none stays open this long.
+_SEGMENT_OPEN_MAX_S = 3600.0
+_KINDS = {"video": StreamKind.VIDEO, "audio": StreamKind.AUDIO}
+
+
+@dataclass(frozen=True, slots=True)
+class IndexLoad:
+    """What building an index from disk found, and what it cost."""
+
+    files: int
+    frames: int
+    seconds: float
+
+
+def recorded_stamps(path: Path, sender_id: str) -> list[tuple[StreamKind, int]]:
+    """(kind, capture µs) of every stamped packet in one segment of ``sender_id``.
+
+    A file cut short by a crash yields what precedes the cut; a file that is not a segment
+    of ``sender_id`` (no tag, another sender's tag) yields nothing.
+    """
+    found: list[tuple[StreamKind, int]] = []
+    try:
+        with av.open(str(path)) as container:
+            if container.metadata.get(TAG_SENDER) != sender_id:
+                log.debug("%s is not a segment of %s: not indexed", path, sender_id)
+                return found
+            for packet in container.demux():
+                kind = _KINDS.get(packet.stream.type)
+                stamp = stamp_of(packet) if kind is not None and packet.size else None
+                if kind is not None and stamp is not None:
+                    found.append((kind, stamp[0]))
+    except (OSError, av.error.FFmpegError) as exc:
+        log.debug("indexing %s stopped: %s", path, exc)  # a crash's tail, or a vanished file
+    return found
+
+
+def recent_segments(sender_dir: Path, since: float) -> list[Path]:
+    """Segments under ``sender_dir`` modified at or after ``since`` (epoch s), oldest first."""
+    found: list[tuple[float, Path]] = []
+    for day in _dirs(sender_dir):
+        if _mtime(day) < since - _SEGMENT_OPEN_MAX_S:
+            continue
+        for path in day.glob("*.mkv"):
+            mtime = _mtime(path)
+            if mtime >= since:
+                found.append((mtime, path))
+    return [path for _, path in sorted(found)]
+
+
+def _dirs(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+class RecordedIndex:
+    """Recorded (or claimed for recording) frames of one sender; see the module docstring."""
+
+    def __init__(self, window_s: float, *, max_per_kind: int = 1 << 16) -> None:
+        self._window_s = window_s
+        self._max = max_per_kind
+        self._since: dict[StreamKind, dict[int, float]] = {k: {} for k in StreamKind}
+        self._order: dict[StreamKind, deque[tuple[float, int]]] = {k: deque() for k in StreamKind}
+
+    def load(self, sender_dir: Path, sender_id: str) -> IndexLoad:
+        """Index the segments of ``sender_dir`` written within the window."""
+        started, now = time.monotonic(), time.time()
+        paths = recent_segments(sender_dir, now - self._window_s)
+        frames = 0
+        for path in paths:
+            written = _mtime(path)
+            for kind, capture_us in recorded_stamps(path, sender_id):
+                self.claim(kind, capture_us, written)
+                frames += 1
+        return IndexLoad(len(paths), frames, time.monotonic() - started)
+
+    def seen(self, kind: StreamKind, capture_us: int) -> bool:
+        return capture_us in self._since[kind]
+
+    def claim(self, kind: StreamKind, capture_us: int, now: float | None = None) -> None:
+        """Remember a frame as recorded (``now``: when, epoch seconds; default the present)."""
+        when = time.time() if now is None else now
+        self._since[kind][capture_us] = when
+        order = self._order[kind]
+        order.append((when, capture_us))
+        self._expire(kind, time.time() - self._window_s)
+
+    def release(self, kind: StreamKind, capture_us: int) -> None:
+        """Forget a claimed frame that could not be recorded after all."""
+        self._since[kind].pop(capture_us, None)
+
+    def __len__(self) -> int:
+        return sum(len(since) for since in self._since.values())
+
+    def _expire(self, kind: StreamKind, cutoff: float) -> None:
+        since, order = self._since[kind], self._order[kind]
+        while order and (order[0][0] < cutoff or len(order) > self._max):
+            when, capture_us = order.popleft()
+            if since.get(capture_us) == when:  # not claimed again since
+                del since[capture_us]
