@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
 from collections import Counter as Tally
@@ -24,6 +25,7 @@ from avd.clock import monotonic_us
 from avd.config import ReceiverSettings
 from avd.errors import ConfigError
 from avd.logs import CloseReason, connection_closed
+from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import MediaSink, StreamKind
 from avd.metrics import ReceiverMetrics
 from avd.ratelimit import AuthLockout
@@ -32,6 +34,31 @@ from avd.tls import describe_tls, key_permission_problems, receiver_context
 from avd.tokens import TokenStore, removed_or_changed
 
 log = logging.getLogger("avd.receiver")
+
+
+async def _until_readable(writer: asyncio.StreamWriter) -> None:
+    """Waits, reading nothing, until the peer's first bytes are in the kernel's buffer."""
+    transport = writer.transport
+    assert isinstance(transport, asyncio.Transport)  # a TCP transport reads and writes
+    transport.pause_reading()  # start_tls resumes it
+    sock = transport.get_extra_info("socket")
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    # asyncio refuses a reader on a transport's descriptor; a duplicate watches the same socket.
+    watched = os.dup(sock.fileno())
+    try:
+        loop.add_reader(watched, ready)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(watched)
+    finally:
+        os.close(watched)
 
 
 def format_peer(peername: object) -> str:
@@ -81,6 +108,7 @@ class Receiver:
             unregister=self._unregister,
             auth_result=self._auth_result,
         )
+        self._log_throttle = LogThrottle()
         self.lockout = AuthLockout(
             max_failures=settings.auth_max_failures,
             window_s=settings.auth_window_s,
@@ -213,7 +241,13 @@ class Receiver:
             return
         if not self._admit(ip):
             self.metrics.handshake_failures.labels(reason="too-many-connections").inc()
-            log.warning("refused connection from %s: too many connections", peer)
+            suppressed = self._log_throttle.admit("limit", ip, time.monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "refused connection from %s: too many connections%s",
+                    peer,
+                    suppressed_note(suppressed),
+                )
             writer.transport.abort()
             return
         self._per_ip[ip] += 1
@@ -240,9 +274,13 @@ class Receiver:
         try:
             # Our own deadline fires first: asyncio's reports itself as an abort, not a timeout.
             async with asyncio.timeout(timeout):
+                # No TLS state (hundreds of KiB of buffers) until the peer has sent something:
+                # an idle flood then costs a socket each, not a TLS session each.
+                await _until_readable(writer)
                 await writer.start_tls(self.ssl_context, ssl_handshake_timeout=timeout + 1)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
-            self._tls_failed(kind, peer, started, exc)
+            writer.transport.abort()
+            self._tls_failed(kind, peer, ip, started, exc)
             return
         version, cipher = describe_tls(writer.get_extra_info("ssl_object"))
         session = Session(
@@ -257,11 +295,16 @@ class Receiver:
         )
         await session.run(timeout - (monotonic_us() - started) / 1e6)
 
-    def _tls_failed(self, kind: StreamKind, peer: str, started_us: int, exc: BaseException) -> None:
+    def _tls_failed(
+        self, kind: StreamKind, peer: str, ip: str, started_us: int, exc: BaseException
+    ) -> None:
         reason = "tls-timeout" if isinstance(exc, TimeoutError) else "tls-error"
         self.metrics.handshake_failures.labels(reason=reason).inc()
+        suppressed = self._log_throttle.admit(reason, ip, time.monotonic())
+        if suppressed is None:
+            return
         detail = getattr(exc, "reason", None) or type(exc).__name__
-        log.info("TLS handshake with %s failed: %s", peer, detail)
+        log.info("TLS handshake with %s failed: %s%s", peer, detail, suppressed_note(suppressed))
         connection_closed(
             log,
             peer=peer,

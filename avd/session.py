@@ -202,8 +202,12 @@ class Session:
             self.ctx.sink.stream_ended(self.info)
             self.ctx.metrics.connections_active.labels(stream=self.info.kind.label).dec()
         self.writer.close()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
+        except Exception:
+            # A peer that never answers our close would hold the socket and its TLS buffers
+            # for asyncio's 30 s close timeout: drop it (what we wrote had a second to go).
+            self.writer.transport.abort()
         c = self.counters
         connection_closed(
             log,

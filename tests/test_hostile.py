@@ -556,13 +556,6 @@ def test_an_idle_flood_does_not_slow_the_good_sender(idle_flood: FloodReport) ->
     assert min(idle_flood.rates) >= MIN_SHARE * FPS, idle_flood.rates
 
 
-@pytest.mark.xfail(
-    reason="needs a bound on what a connection costs before TLS starts: each one awaiting "
-    "start_tls holds ~300 KiB of RSS (asyncio's TLS buffers; 264 idle connections: +80 MB, "
-    "kept after they are gone); e.g. wait for the ClientHello's first byte before start_tls, "
-    "or cap the connections awaiting TLS",
-    strict=True,
-)
 def test_an_idle_flood_costs_bounded_memory(idle_flood: FloodReport) -> None:
     peak = idle_flood.rss_peak_kb - idle_flood.rss_base_kb
     after = idle_flood.rss_after_kb - idle_flood.rss_base_kb
@@ -570,12 +563,6 @@ def test_an_idle_flood_costs_bounded_memory(idle_flood: FloodReport) -> None:
     assert after < RSS_GROWTH_LIMIT_KB, f"RSS stayed {after} KiB over base after the flood"
 
 
-@pytest.mark.xfail(
-    reason="needs the receiver to abort, not gracefully close, a connection that ends before "
-    "authentication: closing TLS waits for the peer's close_notify, 30 s by asyncio's default, "
-    "so a silent peer holds a descriptor and its TLS buffers that long",
-    strict=True,
-)
 def test_silent_tls_peers_are_dropped_at_the_hello_timeout(target: Target) -> None:
     before = failures(target, "hello-timeout")
     with attack(target, "10 silent TLS peers"):
