@@ -207,6 +207,70 @@ def assert_clean_stop(container: Container, unit: str) -> None:
     assert shown == {**expected, "ExecMainCode": "1", "ExecMainStatus": "0"}, shown
 
 
+def watchdog_ping_time(container: Container, unit: str) -> int:
+    return int(container.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
+
+
+def check_sender_probes(c: Container) -> None:
+    """``avd check sender``: a wrong token is refused (one auth failure for the log), the
+    real one (the file the unit loads as its credential) passes."""
+    check = (AVD, "check", "sender", "--env-file", "/etc/avd/sender.env")
+    wrong = c.run(*check, env={"AVD_TOKEN": WRONG_TOKEN}, check=False)
+    assert wrong.returncode == 1, wrong.stdout
+    assert "the receiver refused sender 'cam1'" in wrong.stdout
+    right = c.run(*check, env={"AVD_TOKEN_FILE": "/etc/avd/sender.token"}, check=False)
+    assert right.returncode == 0, right.stdout
+    assert "accepted sender 'cam1'" in right.stdout
+
+
+def assert_quiet_and_native(entries: list[dict[str, str]]) -> None:
+    """A healthy run writes only through the native protocol (no stray stderr lines from
+    JACK, OpenCV...) and nothing at error level."""
+    assert {e["_TRANSPORT"] for e in entries} == {"journal"}
+    assert all(int(e["PRIORITY"]) > 3 for e in entries)
+
+
+def assert_connection_log(entries: list[dict[str, str]]) -> None:
+    """cam1's two streams opened and closed with every field; the one auth failure."""
+    opened = [e for e in with_id(entries, LogEvent.CONNECTION_OPENED) if e["SENDER_ID"] == "cam1"]
+    assert {e["STREAM"] for e in opened} >= {"video", "audio"}
+    for entry in opened:
+        assert entry["PRIORITY"] == "6"
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["PEER"])
+        assert entry["TLS_VERSION"] == "TLSv1.3"
+        assert entry["TLS_CIPHER"].startswith("TLS_")
+    peers = {e["PEER"] for e in opened}
+    # The probe of `avd check` also opened and closed a connection: not one with frames.
+    closed = [
+        e for e in with_id(entries, LogEvent.CONNECTION_CLOSED)
+        if e["PEER"] in peers and int(e["FRAMES_IN"]) > 20
+    ]  # fmt: skip
+    assert {e["STREAM"] for e in closed} == {"video", "audio"}, closed
+    for entry in closed:
+        assert entry["PRIORITY"] == "6"
+        assert entry["CLOSE_REASON"] == "bye"
+        assert int(entry["BYTES_IN"]) > int(entry["FRAMES_IN"])
+        assert float(entry["DURATION_S"]) > 0.5
+    failed = with_id(entries, LogEvent.AUTH_FAILED)
+    assert [(e["PRIORITY"], e["CLAIMED_SENDER_ID"]) for e in failed] == [("4", "cam1")], failed
+    assert_quiet_and_native(entries)
+
+
+def assert_operator_queries(c: Container, token: str) -> None:
+    """The README's journalctl commands find what they promise; no token anywhere."""
+    by_sender = c.journal("-u", "avd-receiver", "SENDER_ID=cam1")
+    assert {e["MESSAGE_ID"] for e in by_sender} >= {
+        LogEvent.CONNECTION_OPENED.message_id,
+        LogEvent.CONNECTION_CLOSED.message_id,
+    }
+    by_id = c.journal("-u", "avd-receiver", f"MESSAGE_ID={LogEvent.AUTH_FAILED.message_id}")
+    assert len(by_id) == 1
+    assert by_id[0]["MESSAGE"].startswith("authentication failed peer=127.0.0.1:")
+    everything = c.run("journalctl", "--no-pager", "-o", "json").stdout
+    assert token not in everything
+    assert WRONG_TOKEN not in everything
+
+
 # ---- the tests --------------------------------------------------------------------------
 
 
@@ -222,79 +286,22 @@ def test_services_start_stream_log_and_stop(services: Installed) -> None:
     wait_until(lambda: status(c, "avd-receiver") == "1 sender(s): cam1", timeout=15)
     ports = f"{services.video_port}/{services.audio_port}"
     wait_until(lambda: f"streaming video+audio to 127.0.0.1:{ports}" in status(c, "avd-sender"))
-    # Watchdog pings reach systemd (NotifyAccess=main accepts them): its timestamp moves.
-    first = int(c.show("avd-sender", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
-    wait_until(
-        lambda: (
-            int(c.show("avd-sender", "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
-            > first
-        ),
-        timeout=20,
-    )
+    # Watchdog pings reach systemd (NotifyAccess=main accepts them): their time moves on.
+    first = watchdog_ping_time(c, "avd-sender")
+    wait_until(lambda: watchdog_ping_time(c, "avd-sender") > first, timeout=20)
+    check_sender_probes(c)
 
-    # `avd check sender`: a wrong token is refused (one auth failure logged), the real one
-    # (the file the unit loads as its credential) passes.
-    wrong = c.run(AVD, "check", "sender", "--env-file", "/etc/avd/sender.env",
-                  env={"AVD_TOKEN": WRONG_TOKEN}, check=False)  # fmt: skip
-    assert wrong.returncode == 1, wrong.stdout
-    assert "the receiver refused sender 'cam1'" in wrong.stdout
-    right = c.run(AVD, "check", "sender", "--env-file", "/etc/avd/sender.env",
-                  env={"AVD_TOKEN_FILE": "/etc/avd/sender.token"}, check=False)  # fmt: skip
-    assert right.returncode == 0, right.stdout
-    assert "accepted sender 'cam1'" in right.stdout
-
-    invocations = {
-        u: c.show(u, "InvocationID")["InvocationID"] for u in ("avd-receiver", "avd-sender")
-    }
+    units = ("avd-receiver", "avd-sender")
+    invocations = {unit: c.show(unit, "InvocationID")["InvocationID"] for unit in units}
     assert_clean_stop(c, "avd-sender")  # first, so the receiver logs the sender's goodbye
     assert_clean_stop(c, "avd-receiver")
 
-    receiver_log = entries_of_run(c, "avd-receiver", invocations["avd-receiver"])
-    opened = [
-        e for e in with_id(receiver_log, LogEvent.CONNECTION_OPENED) if e["SENDER_ID"] == "cam1"
-    ]
-    assert {e["STREAM"] for e in opened} >= {"video", "audio"}
-    for entry in opened:
-        assert entry["PRIORITY"] == "6"
-        assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["PEER"])
-        assert entry["TLS_VERSION"] == "TLSv1.3"
-        assert entry["TLS_CIPHER"].startswith("TLS_")
-    streaming_peers = {e["PEER"]: e["STREAM"] for e in opened}
-    closed = [
-        e for e in with_id(receiver_log, LogEvent.CONNECTION_CLOSED)
-        if e["PEER"] in streaming_peers and int(e["FRAMES_IN"]) > 20
-    ]  # fmt: skip
-    assert {e["STREAM"] for e in closed} == {"video", "audio"}, closed
-    for entry in closed:
-        assert entry["PRIORITY"] == "6"
-        assert entry["CLOSE_REASON"] == "bye"
-        assert int(entry["BYTES_IN"]) > int(entry["FRAMES_IN"])
-        assert float(entry["DURATION_S"]) > 0.5
-    failed = with_id(receiver_log, LogEvent.AUTH_FAILED)
-    assert len(failed) == 1, failed
-    assert failed[0]["PRIORITY"] == "4"
-    assert failed[0]["CLAIMED_SENDER_ID"] == "cam1"
-    # A healthy run writes only through the native protocol: no stray stderr lines (JACK,
-    # OpenCV...), and nothing at error level.
-    assert {e["_TRANSPORT"] for e in receiver_log} == {"journal"}
-    assert all(int(e["PRIORITY"]) > 3 for e in receiver_log)
-
+    assert_connection_log(entries_of_run(c, "avd-receiver", invocations["avd-receiver"]))
     sender_log = entries_of_run(c, "avd-sender", invocations["avd-sender"])
     started = with_id(sender_log, LogEvent.STREAM_STARTED)
-    assert {e["STREAM"] for e in started} == {"video", "audio"}
-    assert all(e["PRIORITY"] == "6" for e in started)
-    assert {e["_TRANSPORT"] for e in sender_log} == {"journal"}
-    assert all(int(e["PRIORITY"]) > 3 for e in sender_log)
-
-    # The operator's queries from the README, as written there.
-    by_sender = c.journal("-u", "avd-receiver", "SENDER_ID=cam1")
-    assert len(by_sender) >= len(opened) + len(closed)
-    by_id = c.journal("-u", "avd-receiver", f"MESSAGE_ID={LogEvent.AUTH_FAILED.message_id}")
-    assert [e["MESSAGE"] for e in by_id] == [failed[0]["MESSAGE"]]
-    # No token, right or wrong, in any journal entry.
-    everything = c.run("journalctl", "--no-pager", "-o", "json").stdout
-    assert services.token not in everything
-    assert WRONG_TOKEN not in everything
+    assert sorted((e["STREAM"], e["PRIORITY"]) for e in started) == [("audio", "6"), ("video", "6")]
+    assert_quiet_and_native(sender_log)
+    assert_operator_queries(c, services.token)
 
     # The recording went to the StateDirectory, the one place the receiver may write.
     found = c.run("find", "/var/lib/avd/recordings/", "-type", "f", "-size", "+1k")
