@@ -17,7 +17,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import av
@@ -27,7 +28,7 @@ import pytest
 
 from avd.clock import monotonic_us
 from avd.media.base import AudioFormat, ReceivedFrame, StreamInfo, StreamKind, VideoFormat
-from avd.media.recorder import Recorder
+from avd.media.recorder import FrameDone, Recorder
 from avd.media.retention import RetentionPolicy
 from avd.media.segment import ClosedSegment
 
@@ -223,6 +224,101 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     assert recorder.stats()["cam1"].video_frames == 4
 
 
+def test_on_done_reports_every_frame_once_from_the_writer_thread_in_batches(
+    tmp_path: Path,
+) -> None:
+    calls: list[tuple[str, list[FrameDone]]] = []
+    release = threading.Event()
+
+    def on_done(batch: Sequence[FrameDone]) -> None:
+        calls.append((threading.current_thread().name, list(batch)))
+
+    def hold_first_close(_: ClosedSegment) -> None:
+        release.wait(30)
+
+    recorder = Recorder(
+        tmp_path,
+        retention=NO_RETENTION,
+        queue_frames=100,
+        interleave_grace=0.1,
+        on_done=on_done,
+        on_segment_closed=hold_first_close,
+    )
+    offered: Counter[tuple[StreamKind, int]] = Counter()
+
+    def offer(kind: StreamKind, frame: ReceivedFrame, session: int = 1) -> None:
+        recorder.frame(info(kind, session=session), frame)
+        offered[kind, frame.seq] += 1
+
+    recorder.stream_started(info(StreamKind.VIDEO))
+    recorder.stream_started(info(StreamKind.AUDIO))
+    for i in range(40):  # written
+        offer(StreamKind.VIDEO, received(i, BASE_US + i * 50_000, jpeg(i)))
+        offer(StreamKind.AUDIO, received(i, BASE_US + i * 50_000, pcm(i)))
+    for i in range(10, 20):  # duplicates
+        offer(StreamKind.VIDEO, received(i, BASE_US + i * 50_000, jpeg(i), late=True))
+    wait_until(lambda: recorder.stats()["cam1"].video_frames == 40)
+    offer(StreamKind.VIDEO, received(40, BASE_US + 25_000, jpeg(40)))  # out of order
+    recorder.stream_ended(info(StreamKind.VIDEO))
+    recorder.stream_ended(info(StreamKind.AUDIO))  # the close blocks the writer
+    wait_until(lambda: recorder.current_segment("cam1") is None)
+    recorder.stream_started(info(StreamKind.VIDEO, session=2))
+    for i in range(41, 241):  # half of them find the queue full
+        offer(StreamKind.VIDEO, received(i, BASE_US + i * 50_000, jpeg(i % 40)), session=2)
+    release.set()
+    recorder.close()
+
+    reported = Counter((kind, seq) for _, batch in calls for _, kind, seq in batch)
+    assert reported == offered, "each frame offered is reported exactly once"
+    assert {name for name, _ in calls} == {"avd-recorder"}
+    assert {sender for _, batch in calls for sender, _, _ in batch} == {"cam1"}
+    assert len(calls) <= sum(offered.values()) / 5, "in batches"
+    stats = recorder.stats()["cam1"]
+    assert (stats.duplicates, stats.out_of_order, stats.dropped) == (10, 1, 100)
+    written = stats.video_frames + stats.audio_chunks
+    assert written + stats.duplicates + stats.given_up == sum(offered.values())
+
+
+def test_a_frame_is_reported_done_only_once_its_packet_is_in_the_file(tmp_path: Path) -> None:
+    checked: list[int] = []
+
+    def on_done(batch: Sequence[FrameDone]) -> None:
+        in_files = {(kind, seq) for path in segments(tmp_path) for kind, seq in stamps(path)}
+        missing = [(kind.label, seq) for _, kind, seq in batch if (kind.label, seq) not in in_files]
+        assert not missing, f"reported done before it was in the file: {missing}"
+        checked.append(len(batch))
+
+    errors: list[str] = []
+    recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.1, on_done=on_done)
+    recorder.stream_started(info(StreamKind.VIDEO))
+    recorder.stream_started(info(StreamKind.AUDIO))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("avd.media.recorder.log.exception", lambda msg, *a: errors.append(msg % a))
+        started = time.monotonic()
+        for i in range(40):  # 2 s of A/V in real time: reports come while segments grow
+            capture = BASE_US + i * 50_000
+            recorder.frame(info(StreamKind.VIDEO), received(i, capture, jpeg(i)))
+            for j in (2 * i, 2 * i + 1):
+                recorder.frame(info(StreamKind.AUDIO), received(j, BASE_US + j * CHUNK_US, pcm(j)))
+            time.sleep(max(0.0, started + (i + 1) * 0.05 - time.monotonic()))
+        before_close = sum(checked)
+        recorder.close()
+    assert errors == []
+    assert 0 < before_close < 120, "frames were reported while the segment was open"
+    assert sum(checked) == 120
+
+
+def stamps(path: Path) -> list[tuple[str, int]]:
+    """(stream type, seq) of every packet's stamp in a segment (one being written too)."""
+    found: list[tuple[str, int]] = []
+    with av.open(str(path)) as container:
+        for packet in container.demux():
+            if packet.size:
+                raw = bytes(packet.get_sidedata("matroska_block_additional"))
+                found.append((packet.stream.type, int.from_bytes(raw[-8:], "big")))
+    return found
+
+
 def test_unusable_sender_id_is_not_recorded(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path / "rec", retention=NO_RETENTION, interleave_grace=0.05)
     bad = info(StreamKind.VIDEO, sender="../escape")
@@ -292,7 +388,7 @@ CRASH_WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from tests.test_recorder import AUDIO, BASE_US, CHUNK_US, info, jpeg, pcm, received
     from avd.media.base import StreamKind
-    from avd.media.recorder import Recorder
+    from avd.media.recorder import FrameDone, Recorder
     from avd.media.retention import RetentionPolicy
 
     recorder = Recorder(Path(sys.argv[1]), retention=RetentionPolicy())

@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 import pytest
 
-from avd.media.base import AudioFormat, VideoFormat
+from avd.media.base import AudioFormat, StreamKind, VideoFormat
+from avd.media.mkvblocks import ClusterScanner
 from avd.media.segment import (
     SegmentWriter,
     check_path_component,
@@ -232,3 +233,55 @@ def test_matroska_time_base_is_milliseconds(tmp_path: Path) -> None:
     assert video[1].time_base == Fraction(1, 1000)
     assert [p.pts for p in video] == [0, 50]
     assert [p.duration for p in video] == [50, 50]
+
+
+def test_backfill_segment_names_never_collide_with_live_ones(tmp_path: Path) -> None:
+    start = datetime(2026, 11, 24, 3, 15, 0, 123456, tzinfo=UTC)
+    live = segment_path(tmp_path, "cam1", start)
+    first = segment_path(tmp_path, "cam1", start, backfill=True)
+    assert first.name == "20261124T031500.123Z-backfill.mkv"
+    assert first.parent == live.parent
+    first.parent.mkdir(parents=True)
+    first.touch()
+    second = segment_path(tmp_path, "cam1", start, backfill=True)
+    assert second.name == "20261124T031500.123Z-backfill-2.mkv"
+    for path in (first, second):
+        assert parse_segment_start(path.name) == start.replace(microsecond=123000)
+
+
+def test_packets_are_reported_durable_as_they_reach_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.mkv"
+    writer = SegmentWriter(path, sender_id="c", start_us=BASE_US, video=None, audio=AUDIO)
+    durable: list[int] = []
+    for i in range(65):  # 1.5 s of audio alone: no video frame cuts its clusters
+        assert writer.write_audio(BASE_US + i * 23_220, pcm(i), seq=100 + i)
+        for kind, seq in writer.take_durable():
+            assert kind is StreamKind.AUDIO
+            durable.append(seq)
+            on_disk = len(packets_by_type(path)["audio"])
+            assert seq - 100 < on_disk, f"seq {seq} reported before it was in the file"
+    assert 0 < len(durable) < 65, "an audio-only cluster is written out within a second"
+    writer.close()
+    durable += [seq for _, seq in writer.take_durable()]
+    assert durable == list(range(100, 165)), "each once, in order, all after the close"
+    assert writer.take_unwritten() == []
+
+
+def test_cluster_scanner_counts_only_whole_clusters(tmp_path: Path) -> None:
+    path = tmp_path / "seg.mkv"
+    frames, chunks = write_av_segment(path, 1.0)
+    whole = ClusterScanner(path).scan()
+    assert (whole[1], whole[2]) == (len(frames), len(chunks))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    counted = []
+    for size in range(0, len(data), len(data) // 13):
+        cut.write_bytes(data[:size])
+        found = ClusterScanner(cut).scan()
+        counted.append(found.total())
+        if size > 5000:
+            with av.open(str(cut)) as container:
+                readable = sum(1 for p in container.demux() if p.size)
+            assert found.total() <= readable
+    assert counted == sorted(counted)
+    assert counted[-1] > len(frames), "the scanner sees the clusters of a cut file"

@@ -7,7 +7,8 @@ times. Each chain interleaves its frames back into capture order, opens a segmen
 first frame with a track for every stream that will feed it, rolls after ``segment_us`` of
 capture time (on a video frame while there is video), and rolls early when a frame does not
 fit: a new or changed stream format; for live, a sender clock that went back; for backfill,
-a frame before what the segment holds or long after it (another stretch of spool). Used on
+a frame before what its stream has in the segment or long after the segment (another
+stretch of spool). Used on
 the recorder's writer thread only.
 """
 
@@ -43,7 +44,8 @@ _AUDIO_CUT_SLACK_US = 5_000_000  # backfill video that stopped no longer delays 
 class ChainSettings:
     record_dir: Path
     segment_us: int
-    grace: float
+    grace: float  # how long a live frame may wait for the sender's other stream
+    backfill_grace: float  # the same for spooled frames, which nobody is waiting to see
     segment_closed: Callable[[ClosedSegment], None]
     before_roll: Callable[[], None]  # retention, which the roll may need room from
 
@@ -70,10 +72,10 @@ class SegmentChain:
         self.opened = 0
         self.unwritten: Counter[StreamKind] = Counter()  # written, then lost by a failed close
         self._settings = settings
-        self._grace_us = int(settings.grace * 1_000_000)
         self._active = active  # the sender's connected streams, kept current by its owner
         self._wall = wall
-        self._interleaver = Interleaver(settings.grace, capture_grace=not backfill)
+        grace = settings.backfill_grace if backfill else settings.grace
+        self._interleaver = Interleaver(grace, capture_grace=not backfill)
         self._fed: dict[StreamKind, StreamInfo] = {}  # backfill: streams with spooled frames
         self._done: list[Done] = []
 
@@ -95,12 +97,13 @@ class SegmentChain:
 
     def ready(self, now: float) -> list[Held]:
         """Frames due to be written; before a segment opens, the other stream gets a grace
-        period to show up (to announce itself live, to send spooled frames for backfill)."""
+        period to show up (to announce itself live, to send spooled frames for backfill).
+        Backfill then waits only for the streams that do send spooled frames."""
         active = set(self._active)
         if self.backfill:
             hold = self.segment is None and not active <= set(self._fed)
-        else:
-            hold = self.segment is None and len(active) < len(StreamKind)
+            return self._interleaver.pop_ready(now, set(self._fed), hold=hold)
+        hold = self.segment is None and len(active) < len(StreamKind)
         return self._interleaver.pop_ready(now, active, hold=hold)
 
     def drain(self) -> list[Held]:
@@ -125,11 +128,13 @@ class SegmentChain:
         if track != held.info.format:
             return True  # a stream new to this segment, or one whose format changed
         if self.backfill:
+            # A stream lagging the other by more than the grace is written behind it: valid
+            # Matroska (blocks may be older than their cluster), and no storm of segments.
             last = segment.last_capture_us(kind)
             if capture < segment.start_us or (last is not None and capture <= last):
                 return True  # an older stretch of spool
-            if not segment.end_us - self._grace_us <= capture <= segment.end_us + _BACKFILL_GAP_US:
-                return True  # far from what the segment holds: another stretch, or stream
+            if capture > segment.end_us + _BACKFILL_GAP_US:
+                return True  # a newer stretch: the spool of another outage
             if kind is not StreamKind.VIDEO and segment.video_format is not None:
                 return capture - segment.start_us >= self._settings.segment_us + _AUDIO_CUT_SLACK_US
         else:

@@ -120,6 +120,7 @@ class Recorder:
             record_dir,
             int(segment_seconds * 1_000_000),
             interleave_grace,
+            max(interleave_grace, backfill_idle_s),
             self._segment_closed,
             self._run_retention,
         )

@@ -256,12 +256,15 @@ class SegmentWriter:
 
     def take_durable(self) -> list[tuple[StreamKind, int]]:
         """(kind, seq) of the packets that reached the file since the previous call."""
+        self._collect_durable()
+        durable, self._durable = self._durable, []
+        return durable
+
+    def _collect_durable(self) -> None:
         for track, count in self._scanner.scan().items():
             kind, seqs = self._pending.get(track, (StreamKind.VIDEO, deque()))
             for _ in range(min(count, len(seqs))):
                 self._durable.append((kind, seqs.popleft()))
-        durable, self._durable = self._durable, []
-        return durable
 
     def take_unwritten(self) -> list[tuple[StreamKind, int]]:
         """After ``close``: (kind, seq) of the packets that never reached the file."""
@@ -279,7 +282,7 @@ class SegmentWriter:
             log.debug("closing segment %s failed: %s", self.path, exc)
         kept = self.packets > 0
         if kept:
-            self._durable += self.take_durable()  # what the close wrote out
+            self._collect_durable()  # what the close wrote out
         else:
             with contextlib.suppress(OSError):  # a read-only folder keeps its empty file
                 self.path.unlink(missing_ok=True)
