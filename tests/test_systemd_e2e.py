@@ -211,9 +211,12 @@ def watchdog_ping_time(container: Container, unit: str) -> int:
     return int(container.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
 
 
-def check_sender_probes(c: Container) -> None:
-    """``avd check sender``: a wrong token is refused (one auth failure for the log), the
-    real one (the file the unit loads as its credential) passes."""
+def run_avd_checks(c: Container) -> None:
+    """``avd check`` as the README gives it. For the sender, a wrong token is refused (one
+    auth failure for the log), the real one (the unit's credential file) passes."""
+    receiver = c.run(AVD, "check", "receiver", "--env-file", "/etc/avd/receiver.env",
+                     env={"AVD_TLS_KEY": "/etc/avd/receiver.key"}, check=False)  # fmt: skip
+    assert receiver.returncode == 0, receiver.stdout
     check = (AVD, "check", "sender", "--env-file", "/etc/avd/sender.env")
     wrong = c.run(*check, env={"AVD_TOKEN": WRONG_TOKEN}, check=False)
     assert wrong.returncode == 1, wrong.stdout
@@ -289,7 +292,7 @@ def test_services_start_stream_log_and_stop(services: Installed) -> None:
     # Watchdog pings reach systemd (NotifyAccess=main accepts them): their time moves on.
     first = watchdog_ping_time(c, "avd-sender")
     wait_until(lambda: watchdog_ping_time(c, "avd-sender") > first, timeout=20)
-    check_sender_probes(c)
+    run_avd_checks(c)
 
     units = ("avd-receiver", "avd-sender")
     invocations = {unit: c.show(unit, "InvocationID")["InvocationID"] for unit in units}
