@@ -27,6 +27,7 @@ from pathlib import Path
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/systemd"))
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POWEROFF_TIMEOUT_S = 30.0
+PROPAGATE_DIR = Path("/run/systemd/nspawn/propagate")
 
 
 def unavailable_reason() -> str | None:
@@ -224,3 +225,6 @@ def booted(
             _power_off(nspawn, init_pid)
     finally:
         _remove_cgroups(cgroups)
+        # nspawn removes this empty folder itself, unless it had to be killed.
+        with contextlib.suppress(OSError):
+            (PROPAGATE_DIR / name).rmdir()
