@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,7 +56,9 @@ def _run_daemon(role: str, settings_cls: type[CommonSettings], env_file: Path | 
     try:
         settings = load_settings(settings_cls, env_file)
     except ConfigError as exc:
-        print(f"{role}: {exc}", file=sys.stderr)
+        # Logging is not set up yet; under systemd, <3> files the line as an error.
+        priority = "<3>" if os.environ.get("INVOCATION_ID") else ""
+        print(f"{priority}{role}: {exc}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(role=role, log_format=settings.log_format, level=settings.log_level)
     try:

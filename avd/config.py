@@ -211,6 +211,15 @@ class SenderSettings(CommonSettings):
     audio_queue_ms: Annotated[int, Field(ge=50, le=60_000)] = Field(
         1000, description="audio held while the network is slow; the oldest is dropped"
     )
+    dynamic_quality: bool = Field(
+        True, description="lower JPEG quality, then frame rate, while the link cannot keep up"
+    )
+    min_jpeg_quality: Annotated[int, Field(ge=1, le=100)] = Field(
+        30, description="the lowest JPEG quality dynamic quality may choose"
+    )
+    min_fps: Annotated[int, Field(ge=1, le=120)] = Field(
+        5, description="the lowest frame rate dynamic quality may choose"
+    )
     spool_seconds: Annotated[float, Field(ge=0, le=86_400)] = Field(
         30.0, description="seconds of unacknowledged media kept for re-sending after an outage"
     )

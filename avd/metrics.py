@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # the internet (hundreds of ms); the demo and bench interpolate quantiles from them.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
-    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 30.0,
 )  # fmt: skip
 
 
@@ -114,6 +114,18 @@ class SenderMetrics:
             "avd_frames_lost",
             "Frames evicted from the spool before the receiver acknowledged them",
             ["stream"],
+            registry=r,
+        )
+        self.jpeg_quality = Gauge(
+            "avd_jpeg_quality", "JPEG quality in use (dynamic quality)", registry=r
+        )
+        self.target_fps = Gauge(
+            "avd_target_fps", "Video frame rate in use (dynamic quality)", registry=r
+        )
+        self.quality_changes = Counter(
+            "avd_quality_changes",
+            "Dynamic quality steps, down when the link is congested, up when it recovers",
+            ["direction"],
             registry=r,
         )
         self.spool_frames = Gauge(

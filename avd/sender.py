@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 
 from avd.backoff import Backoff
 from avd.capture import CaptureThread
@@ -19,6 +20,7 @@ from avd.config import SenderSettings, credentials_directory
 from avd.errors import ConfigError
 from avd.media.base import CapturedFrame, MediaSource, StreamKind
 from avd.metrics import SenderMetrics
+from avd.quality import FrameDecimator, LinkReport, QualityController
 from avd.queues import DropOldestQueue
 from avd.spool import Spool
 from avd.stream_client import Endpoint, StreamClient
@@ -64,6 +66,47 @@ def build_sources(settings: SenderSettings) -> list[MediaSource]:
     if not sources:
         raise ConfigError("AVD_VIDEO_SOURCE and AVD_AUDIO_SOURCE are both none: nothing to send")
     return sources
+
+
+class DynamicQuality:
+    """Applies QualityController's decisions to a video source and its frame decimator."""
+
+    def __init__(
+        self, source: MediaSource, settings: SenderSettings, metrics: SenderMetrics
+    ) -> None:
+        fmt = settings.video_format
+        self.source = source
+        self.controller = QualityController(
+            quality=fmt.quality,
+            fps=fmt.fps,
+            min_quality=settings.min_jpeg_quality,
+            min_fps=settings.min_fps,
+        )
+        self.decimator = FrameDecimator(fmt.fps)
+        self.metrics = metrics
+        metrics.jpeg_quality.set(fmt.quality)
+        metrics.target_fps.set(fmt.fps)
+
+    def report(self, report: LinkReport) -> None:
+        before = self.controller.state
+        after = self.controller.observe(report, time.monotonic())
+        if after is None:
+            return
+        if hasattr(self.source, "quality"):
+            self.source.quality = after.quality
+        self.decimator.fps = after.fps
+        self.metrics.jpeg_quality.set(after.quality)
+        self.metrics.target_fps.set(after.fps)
+        worse = (after.quality, after.fps) < (before.quality, before.fps)
+        self.metrics.quality_changes.labels(direction="down" if worse else "up").inc()
+        log.info(
+            "link %s: video %d fps at JPEG quality %d (was %d fps, quality %d)",
+            "congested" if worse else "recovered",
+            after.fps,
+            after.quality,
+            before.fps,
+            before.quality,
+        )
 
 
 class Sender:
@@ -115,8 +158,13 @@ class Sender:
         m.spool_frames.labels(stream=label).set_function(lambda: len(spool))
         m.spool_bytes.labels(stream=label).set_function(lambda: spool.bytes)
         seqs = itertools.count()
+        dynamic = None
+        if source.kind is StreamKind.VIDEO and s.dynamic_quality:
+            dynamic = DynamicQuality(source, s, m)
 
         def deliver(frame: CapturedFrame) -> None:
+            if dynamic is not None and not dynamic.decimator.keep(frame.capture_us):
+                return  # the frame rate is lowered while the link is congested
             # Numbered at capture; kept in the spool until acknowledged, so a frame the live
             # queue drops is sent later as a late frame instead of being lost.
             seq = next(seqs)
@@ -143,6 +191,7 @@ class Sender:
                 spool=spool,
                 metrics=self.metrics,
                 backoff=Backoff(first_s=0.5, cap_s=s.reconnect_max_s),
+                on_link_report=dynamic.report if dynamic else None,
             )
         )
 

@@ -408,7 +408,9 @@ class Session:
     def _on_heartbeat(self, hb: protocol.Heartbeat) -> None:
         now = monotonic_us()
         self._last_peer_hb = (hb.sent_us, now)
-        if hb.echo_us and hb.echo_us == self._last_hb_sent_us:
+        # Any echo of one of ours is a sample (a congested link delivers it after newer
+        # ones were sent); the min-RTT filter keeps the good ones.
+        if 0 < hb.echo_us <= now:
             self.clock.add(
                 local_now_us=now, peer_sent_us=hb.sent_us, echoed_us=hb.echo_us, held_us=hb.held_us
             )

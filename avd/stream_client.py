@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import socket
 import ssl
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,6 +30,7 @@ from avd.logs import LogEvent, log_event
 from avd.media.base import CapturedFrame, MediaFormat, StreamKind
 from avd.metrics import SenderMetrics
 from avd.protocol import GoodbyeReason, Role
+from avd.quality import LinkReport
 from avd.queues import DropOldestQueue
 from avd.spool import Spool
 from avd.tokens import Token
@@ -36,6 +39,9 @@ log = logging.getLogger("avd.sender")
 
 T = TypeVar("T")
 
+# A live frame older than this when its turn comes is left to the spool (sent later as a
+# late frame): the live view never shows the past as if it were now.
+MAX_LIVE_AGE_US = 1_000_000
 MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
 # A receiver away for hours must not fill the journal: the same problem is reported
 # again only this often (with how many attempts were made meanwhile).
@@ -83,6 +89,34 @@ class Endpoint:
     handshake_timeout_s: float
 
 
+# Linux's SIOCOUTQNSD: bytes in a TCP socket's send queue not yet sent. A frame is written
+# only while less than UNSENT_LIMIT is waiting there: otherwise a slow link's send buffer
+# (megabytes with autotuning) holds seconds of video, the live view drifts behind, and the
+# drop-oldest queue and dynamic quality never see the congestion. In-flight data is not
+# limited, so a fast path with a long round trip keeps its throughput.
+SIOCOUTQNSD = 0x894B
+UNSENT_LIMIT = 64 * 1024
+LINK_POLL_S = 0.005
+
+
+def tune_socket(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out now
+
+
+def unsent_bytes(writer: asyncio.StreamWriter) -> int:
+    """Bytes waiting before the wire: asyncio's buffer plus the kernel's unsent queue."""
+    waiting = writer.transport.get_write_buffer_size()
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            raw = fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0")
+            waiting += int.from_bytes(raw, "little")
+    return waiting
+
+
 class StreamClient:
     def __init__(
         self,
@@ -96,8 +130,10 @@ class StreamClient:
         spool: Spool,
         metrics: SenderMetrics,
         backoff: Backoff,
+        on_link_report: Callable[[LinkReport], None] | None = None,
     ) -> None:
         self.kind, self.endpoint = kind, endpoint
+        self.on_link_report = on_link_report  # dynamic quality, for video
         self.sender_id, self.token, self.media_format = sender_id, token, media_format
         self.queue, self.spool, self.metrics, self.backoff = queue, spool, metrics, backoff
         self.label = kind.label
@@ -201,6 +237,7 @@ class StreamClient:
             ),
             limit_s=ep.handshake_timeout_s + 1,
         )
+        tune_socket(writer)
         try:
             conn = protocol.Connection(Role.SENDER)
             # Acks count from the oldest frame still held: the receiver must not skip it.
@@ -278,6 +315,10 @@ class _Link:
         self.backfill_cursor = first_seq - 1  # spooled frames above it may still be unsent
         self.sent: set[int] = set()  # sent in this session and not yet acknowledged
         self.floor_sent = first_seq
+        self.max_wait_us = 0  # longest capture-to-send wait of a live frame this interval
+        self.started_us = monotonic_us()
+        self.dropped_seen = client.queue.dropped
+        self.backfilled = 0
         self.reader, self.writer = reader, writer
         self.heartbeat_s = max(heartbeat_s, 0.05)
         self.last_rx_us = monotonic_us()
@@ -318,28 +359,45 @@ class _Link:
         sent = client.metrics.frames_sent.labels(stream=client.label)
         sent_bytes = client.metrics.bytes_sent.labels(stream=client.label)
         backfilled = client.metrics.frames_backfilled.labels(stream=client.label)
+        stale = client.metrics.frames_dropped.labels(stream=client.label)
         while True:
             late = False
             item = client.queue.get_nowait()
-            if item is None and (item := self._next_backfill()) is not None:
+            # Backfill only into an idle link: it must never queue ahead of live frames.
+            idle = unsent_bytes(self.writer) == 0
+            if item is None and idle and (item := self._next_backfill()) is not None:
                 late = True
+            if item is None and not idle:
+                await asyncio.sleep(LINK_POLL_S)  # until the link is idle or a live frame waits
+                continue
             if item is None:
                 item = await client.queue.get()
                 if item is None:
                     raise SourceEnded
             seq, frame = item
+            if not late and monotonic_us() - frame.capture_us > MAX_LIVE_AGE_US:
+                stale.inc()
+                continue
             media = protocol.Media(seq, frame.capture_us, frame.data, late=late)
             head, payload = self.conn.send_media(media)
             self.writer.write(head)
             self.writer.write(payload)
+            await self._until_link_ready()
             self.sent.add(seq)
+            if not late and frame.capture_us >= self.started_us:  # not an outage's leftovers
+                self.max_wait_us = max(self.max_wait_us, monotonic_us() - frame.capture_us)
             sent.inc()
             sent_bytes.inc(len(payload))
             if late:
                 backfilled.inc()
-            # Waits only while the socket's buffer is over its high-water mark; meanwhile
-            # the capture thread keeps going and the queue drops the oldest frames.
-            await self.writer.drain()
+                self.backfilled += 1
+
+    async def _until_link_ready(self) -> None:
+        """Holds the next write while the link has UNSENT_LIMIT waiting; capture goes on."""
+        await self.writer.drain()
+        # Polled: the kernel signals no event when its unsent queue shrinks below a level.
+        while unsent_bytes(self.writer) > UNSENT_LIMIT:  # noqa: ASYNC110
+            await asyncio.sleep(LINK_POLL_S)
 
     def _next_backfill(self) -> tuple[int, CapturedFrame] | None:
         """The oldest spooled frame not yet sent in this session."""
@@ -371,7 +429,8 @@ class _Link:
 
     def _on_heartbeat(self, hb: protocol.Heartbeat) -> None:
         now = monotonic_us()
-        if hb.echo_us and hb.echo_us == self.last_hb_sent_us:
+        # Any echo of one of ours is a sample: a congested link delivers it late.
+        if 0 < hb.echo_us <= now:
             self.client.rtt_us = max(now - hb.echo_us - hb.held_us, 0)
             self.client.metrics.rtt.labels(stream=self.client.label).set(self.client.rtt_us / 1e6)
         self.last_peer_hb = (hb.sent_us, now)
@@ -395,6 +454,16 @@ class _Link:
                 raise TimeoutError(f"the receiver sent nothing for {silent_s:.1f} s")
             self._send_heartbeat()
             self._send_floor()
+            self._report_link()
+
+    def _report_link(self) -> None:
+        client = self.client
+        if client.on_link_report is not None:
+            dropped = client.queue.dropped - self.dropped_seen
+            client.on_link_report(LinkReport(dropped, self.max_wait_us / 1e6))
+        self.dropped_seen = client.queue.dropped
+        self.backfilled = 0
+        self.max_wait_us = 0
 
     def _send_floor(self) -> None:
         """Tell the receiver when frames were evicted unsent, so its acks can pass them."""

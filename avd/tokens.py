@@ -142,7 +142,8 @@ def add_token(path: Path, sender_id: str, token: str) -> None:
     """Store the hash of ``token`` for ``sender_id``, replacing (revoking) any previous one.
 
     Other lines and comments are kept. The file is replaced atomically and keeps its mode and
-    owner; a new file gets mode 0600.
+    owner; a new file gets mode 0644: it holds only hashes, and the receiver's service user
+    (systemd's DynamicUser) must be able to read it.
     """
     validate_sender_id(sender_id)
     if len(token) < MIN_TOKEN_LENGTH:
@@ -243,12 +244,11 @@ def _write_atomically(path: Path, text: str) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            if old is not None:
-                # The replacement must stay readable by whoever could read the old file
-                # (the receiver's user when root edits it), and no more.
-                os.fchmod(stream.fileno(), stat.S_IMODE(old.st_mode))
-                if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-                    os.fchown(stream.fileno(), old.st_uid, old.st_gid)
+            # The replacement must stay readable by whoever could read the old file (the
+            # receiver's user when root edits it), and no more; a new one is world-readable.
+            os.fchmod(stream.fileno(), stat.S_IMODE(old.st_mode) if old else 0o644)
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(stream.fileno(), old.st_uid, old.st_gid)
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())

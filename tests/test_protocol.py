@@ -16,10 +16,10 @@ from avd.media.base import AudioFormat, StreamKind, VideoFormat
 from avd.protocol import (
     MEDIA_PREFIX,
     Ack,
-    Floor,
     Connection,
     ConnectionClosed,
     Event,
+    Floor,
     FrameDecoder,
     Goodbye,
     GoodbyeReason,

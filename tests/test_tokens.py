@@ -211,14 +211,16 @@ def test_bad_hashes_given_directly_are_refused() -> None:
 # --- add_token -------------------------------------------------------------------------------
 
 
-def test_add_token_creates_the_file_and_its_directory_with_mode_0600(tmp_path: Path) -> None:
+def test_add_token_creates_the_file_with_mode_0644_and_its_directory_with_0700(
+    tmp_path: Path,
+) -> None:
     old_umask = os.umask(0)  # a permissive umask must not widen the file
     try:
         path = tmp_path / "etc" / "avd" / "tokens"
         add_token(path, "cam1", CAM1_TOKEN)
     finally:
         os.umask(old_umask)
-    assert mode_of(path) == 0o600
+    assert mode_of(path) == 0o644  # hashes only: the receiver's service user reads it
     assert path.read_text() == f"cam1 {hash_token(CAM1_TOKEN)}\n"
     assert TokenStore.load(path).verify("cam1", CAM1_TOKEN)
 

@@ -71,6 +71,7 @@ class TestPatternSource:
 
     def __init__(self, fmt: VideoFormat) -> None:
         self.format: MediaFormat = fmt
+        self.quality = fmt.quality  # lowered and restored by the sender's dynamic quality
         self._fmt = fmt
         self.description = f"test pattern {fmt.width}x{fmt.height}@{fmt.fps}"
         self._stop = threading.Event()
@@ -94,7 +95,7 @@ class TestPatternSource:
         img = scene.render(self._n)
         capture_us = monotonic_us()
         self._n += 1
-        return CapturedFrame(capture_us=capture_us, data=encode_jpeg(img, self._fmt.quality))
+        return CapturedFrame(capture_us=capture_us, data=encode_jpeg(img, self.quality))
 
     def close(self) -> None:
         self._stop.set()
@@ -215,6 +216,7 @@ class CaptureSource:
         capture_factory: CaptureFactory = cv2_capture,
     ) -> None:
         self.format: MediaFormat = fmt
+        self.quality = fmt.quality  # lowered and restored by the sender's dynamic quality
         self._fmt, self._loop, self._factory = fmt, loop, capture_factory
         self._target, self._live = _capture_target(spec)
         self.description = _describe(spec, self._target, self._live)
@@ -365,7 +367,7 @@ class CaptureSource:
         size = (self._fmt.width, self._fmt.height)
         if (img.shape[1], img.shape[0]) != size:
             img = np.asarray(cv2.resize(img, size, interpolation=cv2.INTER_AREA), np.uint8)
-        return CapturedFrame(capture_us=capture_us, data=encode_jpeg(img, self._fmt.quality))
+        return CapturedFrame(capture_us=capture_us, data=encode_jpeg(img, self.quality))
 
     def _device_vanished(self) -> bool:
         node = _device_node(self._target)
