@@ -468,12 +468,12 @@ def test_retention_deletes_the_oldest_segments_when_over_budget(
     # Exactly the oldest went, each logged once; the newest stayed.
     assert deleted == opened[: len(opened) - len(kept)], (deleted, opened)
     assert kept == opened[len(deleted) :]
-    assert 1 <= len(kept) <= 3
+    assert deleted, "nothing was deleted"
     # Retention runs at each roll, before the next segment opens: all but the last fit.
     assert sum(p.stat().st_size for p in kept[:-1]) <= budget
     for path in kept[:-1]:  # whole seconds; the last one was cut short by the stop
         assert len(read_segment(path)["video"].packets) >= VIDEO.fps - 2, path
-    assert read_segment(kept[-1])["video"].packets
+    assert read_segment(kept[-1]), f"{kept[-1]} holds nothing"
 
 
 def _video_frames(path: Path) -> int:
@@ -552,6 +552,7 @@ def _probe_segment(path: Path) -> tuple[int, float, float]:
     """
     probe = ffprobe(path, packets=True)
     streams = probed_streams(probe)
+    assert set(streams) == {"video", "audio"}, f"{path} has tracks {sorted(streams)}"
     video, audio = streams["video"], streams["audio"]
     assert (video["codec_name"], video["width"], video["height"]) == ("mjpeg", 640, 480), path
     assert (audio["codec_name"], audio["sample_rate"], audio["channels"]) == (
@@ -578,7 +579,7 @@ def _probe_segment(path: Path) -> tuple[int, float, float]:
 def test_acceptance_every_segment_plays_and_holds_what_was_sent(
     pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    """The issue's check: 8 s of test video and audio in 2 s segments, then a kill -9."""
+    """The issue's check: ~8 s of test video and audio in 2 s segments, then a kill -9."""
     record_dir = tmp_path / "rec"
     env = {
         "AVD_RECORD_DIR": str(record_dir),
@@ -588,7 +589,8 @@ def test_acceptance_every_segment_plays_and_holds_what_was_sent(
     handle = _start(daemons, pki, creds, tmp_path / "receiver.log", **env)
     sender, sender_url = _start_sender(daemons, pki, creds, handle, tmp_path / "sender.log")
     wait_until(lambda: _received(handle, "video") > 0)
-    time.sleep(8)
+    # About 8 s, stopping mid-segment: a stop right at a boundary is the trailing-audio test's.
+    time.sleep(7)
     sent = metric(scrape(sender_url), "avd_frames_sent_total", stream="video")
     assert sender.stop() == 0
     # Frames sent after the scrape arrive too: count against whichever is larger.
@@ -605,6 +607,10 @@ def test_acceptance_every_segment_plays_and_holds_what_was_sent(
         assert abs(video_s - audio_s) <= 0.25, (path, video_s, audio_s)
     print(f"acceptance: {recorded} frames recorded of {sent:.0f} sent")
     assert recorded >= 0.97 * sent, f"{recorded} frames recorded of {sent} sent"
+    # PyAV, opening the files again, finds the same frames: within 1 % of those sent.
+    demuxed = sum(len(read_segment(path)["video"].packets) for path in paths)
+    assert demuxed == recorded
+    assert abs(demuxed - sent) <= 0.01 * sent, f"{demuxed} frames in the files, {sent} sent"
     latest = cv2.imread(str(record_dir / "cam1" / "latest.jpg"))
     assert latest is not None
     assert latest.shape == (480, 640, 3)
