@@ -52,7 +52,15 @@ def _daemon_parser(
     return parser
 
 
+# OpenCV and its FFmpeg print their own lines on stderr (a camera's retries, a stream's
+# hiccups), which under systemd become loose journal entries. avd logs those events itself,
+# once per change of state; the libraries keep only their errors. Read when cv2 loads.
+QUIET_LIBRARIES = {"OPENCV_LOG_LEVEL": "ERROR", "OPENCV_FFMPEG_LOGLEVEL": "16"}
+
+
 def _run_daemon(role: str, settings_cls: type[CommonSettings], env_file: Path | None) -> int:
+    for variable, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(variable, value)
     try:
         settings = load_settings(settings_cls, env_file)
     except ConfigError as exc:
