@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 MAX_BUFFERED_FRAMES = 4  # the real sender's video queue (AVD_VIDEO_QUEUE_FRAMES) holds 4
 CONNECT_CONCURRENCY = 16  # handshakes in flight at once: a camera fleet does not start in 1 ms
 HANDSHAKE_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 15.0  # at the end, for a backed-up receiver to take what was written
 
 
 def camera_like_images(fmt: VideoFormat, count: int = 16) -> list[Image]:
@@ -110,6 +111,7 @@ class LoadReport:
     sent: dict[str, int] = field(default_factory=dict)  # frames written, per sender id
     skipped: int = 0  # frames not sent because their session was backed up
     closed_early: int = 0  # sessions the receiver ended before the generator stopped
+    unflushed: int = 0  # sessions whose written frames had not all left at the end
     lag_p99_ms: float = 0.0  # how late after its slot a frame went out: the generator's health
     lag_max_ms: float = 0.0
 
@@ -162,7 +164,19 @@ class _Session:
             pass
         self.closed = True
 
-    async def goodbye(self) -> None:
+    async def goodbye(self) -> bool:
+        """Send what is buffered, then a goodbye; False if the buffer did not empty in time.
+
+        ``drain()`` only waits for the low-water mark: frames still buffered when the
+        process exits would be lost, and counted as lost by the receiver, so wait them out.
+        """
+        deadline = monotonic_us() + int(FLUSH_TIMEOUT_S * 1e6)
+        transport = self.writer.transport
+        while transport.get_write_buffer_size() and not self.closed:
+            if monotonic_us() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        flushed = not transport.get_write_buffer_size()
         with contextlib.suppress(Exception):
             if not self.closed:
                 self.writer.write(self.conn.send(protocol.Goodbye(GoodbyeReason.BYE, "done")))
@@ -170,6 +184,7 @@ class _Session:
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), timeout=2.0)
+        return flushed
 
 
 async def _open_session(
@@ -280,7 +295,8 @@ async def run_load(
             report.lag_max_ms = max(lags, default=0) / 1000
     finally:
         report.closed_early = sum(s.closed for s in sessions)
-        await asyncio.gather(*(s.goodbye() for s in sessions))
+        flushed = await asyncio.gather(*(s.goodbye() for s in sessions))
+        report.unflushed = flushed.count(False)
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)

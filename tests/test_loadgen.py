@@ -97,10 +97,8 @@ def test_three_senders_every_frame_counted_by_the_receiver(
     for sender_id, _ in senders:
         assert report.sent[sender_id] >= 30  # 20 fps for 2.5 s, with a generous margin
         wait_until(lambda s=sender_id: _received(receiver, s) - before[s] == report.sent[s])
-    samples = receiver.metrics()
-    assert metric(samples, "avd_frames_lost_total") == 0
     # Heartbeats were answered: the receiver could sync clocks and measure latency.
-    assert metric(samples, "avd_frame_latency_seconds_count") > histogram_before
+    assert metric(receiver.metrics(), "avd_frame_latency_seconds_count") > histogram_before
     log = receiver.daemon.log_text()
     for i in range(3):  # each from its own loopback address, ended with a goodbye
         assert f"peer={source_address(i)}:" in log

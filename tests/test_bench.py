@@ -1,0 +1,179 @@
+"""``avd bench``: the whole quick run through the real daemons, and its parts one by one.
+
+Figures are checked for shape and sense, never against the targets: this is a shared
+2-core machine, and the bench's job is to report where a run stands, not to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avd import bench
+from avd.loadgen import camera_like_frames
+from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
+from avd.media.segment import SegmentWriter
+
+from .conftest import REPO
+
+SMALL = VideoFormat(160, 120, 20, 60)
+QUICK = ("bench", "--quick", "--json")
+MAY_BE_ZERO = {"receiver_idle_cpu_pct", "max_senders"}  # idle is under a clock tick; 0 = none
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_quick_run_prints_the_table_then_exactly_the_keys_as_json() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from avd.cli import main; sys.exit(main())", *QUICK],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        cwd=REPO,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert list(figures) == list(bench.KEYS)
+    for key, value in figures.items():
+        assert isinstance(value, int | float), key
+        assert math.isfinite(value), key
+        assert value >= 0 if key in MAY_BE_ZERO else value > 0, (key, value)
+    assert isinstance(figures["max_senders"], int)
+    assert figures["floor_ms"] == pytest.approx(
+        1000 / figures["encode_fps"] + 1000 / figures["decode_fps"], rel=0.01
+    )
+    # The exact figures can only be slower than the floor: capture to decoded holds both.
+    assert figures["latency_p99_ms"] >= figures["latency_p50_ms"] >= 0.5 * figures["floor_ms"]
+    table = "\n".join(lines[:-1])
+    for _, label, _ in bench.ROWS:
+        assert label in table
+    assert "What was measured" in table
+    assert "video 1280x720 30 fps q80" in table
+
+
+def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None:
+    codec = bench.measure_codec(10)
+    assert codec.encode_fps > 0
+    assert codec.decode_fps > 0
+    assert codec.floor_ms == pytest.approx(1000 / codec.encode_fps + 1000 / codec.decode_fps)
+    assert 10_000 < codec.jpeg_bytes < 60_000  # a camera-like picture, not a flat one
+
+
+def test_bandwidth_grows_with_the_setting_and_audio_is_exact() -> None:
+    rows = bench.bandwidth_rows()
+    video = [payload for name, payload, _ in rows if name.startswith("video")]
+    assert video == sorted(video)
+    assert len(video) == 3
+    name, payload, framed = rows[-1]
+    assert name.startswith("audio 44.1 kHz")
+    assert payload == pytest.approx(44_100 * 16 / 1000)  # 705.6 kbit/s of PCM
+    assert framed > payload
+
+
+def test_probe_sink_decodes_each_jpeg_and_notes_the_times() -> None:
+    sink = bench.ProbeSink()
+    info = StreamInfo("cam", StreamKind.VIDEO, SMALL, "127.0.0.1:1", 1)
+    jpeg = camera_like_frames(SMALL, 1)[0]
+    sink.frame(info, ReceivedFrame(0, 100, 200, 100, jpeg))
+    sink.frame(info, ReceivedFrame(1, 300, 400, 300, b"\xff\xd8 not a picture"))
+    (capture, arrival, decoded, ok, took), (*_, broken, _) = sink.video["cam"]
+    assert (capture, arrival, ok, broken) == (100, 200, True, False)
+    assert decoded > arrival
+    assert 0 < took <= decoded - arrival
+
+
+def test_probe_analysis_picks_the_windows_and_exact_percentiles() -> None:
+    cam = [
+        [c, c + 1000, c + 3000 + (i % 10) * 100, True, 900]
+        for i, c in enumerate(range(0, 10**6, 10**4))
+    ]
+    fast = [[0, 0, t, True, 900] for t in range(0, 10**6, 500)]
+    rows = {
+        "video": {"bench-cam": cam, "bench-tput": fast},
+        "audio": {"bench-cam": [[c, c + 2000] for c in range(0, 10**6, 23_220)]},
+    }
+    result = bench.analyse_probe(rows, (0, 10**6), (0, 10**6))
+    assert result["frames"] == 100
+    assert result["latency_p50_ms"] == pytest.approx(3.4)  # 3 ms + the 5th of 10 steps
+    assert result["latency_p99_ms"] == pytest.approx(3.9)
+    assert result["transport_p50_ms"] == pytest.approx(1.0)
+    assert result["imdecode_p50_ms"] == pytest.approx(0.9)
+    assert result["audio_latency_p99_ms"] == pytest.approx(2.0)
+    assert result["throughput_fps"] == pytest.approx(2000)
+    assert result["undecodable"] == 0
+    with pytest.raises(RuntimeError, match="no frames"):
+        bench.analyse_probe(rows, (2 * 10**6, 3 * 10**6), (0, 10**6))
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert bench._percentile(values, 0.5) == 50
+    assert bench._percentile(values, 0.99) == 99
+    assert bench._percentile([7.0], 0.99) == 7.0
+
+
+def _figures(**overrides: float) -> dict[str, float]:
+    figures = dict.fromkeys(bench.KEYS, 1.0) | {"encode_fps": 1000.0, "decode_fps": 800.0}
+    figures["floor_ms"] = 1.0 + 1.25
+    return figures | overrides
+
+
+def test_targets_are_ratios_of_the_same_run_where_the_spec_says_so() -> None:
+    figures = _figures(
+        latency_p99_ms=4.5, throughput_fps=720, max_senders=200, receiver_idle_cpu_pct=0.4
+    )
+    good = bench._targets(figures, False)
+    assert all(met for _, met in good.values())
+    assert "4.50 ms" in good["latency_p99_ms"][0]  # 2 x the 2.25 ms floor
+    assert "720" in good["throughput_fps"][0]  # 90 % of the slower (decode, 800 fps)
+    bad = bench._targets(
+        _figures(
+            latency_p99_ms=4.6,
+            throughput_fps=719,
+            max_senders=199,
+            sender_cpu_pct=5.1,
+            receiver_idle_cpu_pct=0.5,
+            reconnect_s=1.01,
+            receiver_rss_per_sender_mb=2.1,
+        ),
+        True,
+    )
+    assert not any(met for _, met in bad.values())
+    assert "--quick" in bad["max_senders"][0]
+
+
+def test_json_has_exactly_the_keys_in_order_with_an_integer_sender_count() -> None:
+    text = bench.as_json(_figures(max_senders=300.0) | {"extra": 5.0})
+    figures = json.loads(text)
+    assert list(figures) == list(bench.KEYS)
+    assert figures["max_senders"] == 300
+    assert isinstance(figures["max_senders"], int)
+
+
+def test_recorded_frames_are_counted_packet_by_packet(tmp_path: Path) -> None:
+    for name, count in (("a.mkv", 3), ("b.mkv", 7)):
+        path = tmp_path / "cam" / "2026-01-01" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = SegmentWriter(path, sender_id="cam", start_us=0, video=SMALL, audio=None)
+        for frame, n in zip(camera_like_frames(SMALL, count), range(count), strict=True):
+            writer.write_video(n * 50_000, frame)
+        writer.close()
+    assert bench.recorded_frames(tmp_path) == 10
+    assert bench._wait_recorded(tmp_path, before=3, expected=7) == 7
+
+
+def test_a_child_that_exits_without_the_line_is_reported_with_its_output() -> None:
+    child = bench.Child("talker", [sys.executable, "-c", "print('hello'); print('bye')"], {})
+    when, match = child.wait_for(r"hel+o", timeout=10)
+    assert match.group(0) == "hello"
+    assert when > 0
+    with pytest.raises(RuntimeError, match=r"(?s)talker did not print 'ready'.*bye"):
+        child.wait_for("ready", timeout=10)
+    assert child.stop() == 0
