@@ -22,7 +22,7 @@ from avd.media.base import StreamKind
 from avd.media.recorded_index import RecordedIndex, recent_segments, recorded_stamps
 from avd.media.recorder import FrameDone, Recorder
 from avd.media.retention import RetentionPolicy
-from avd.media.segment import SegmentWriter
+from avd.media.segment import SegmentWriter, part_path
 from tests.test_backfill import (
     all_stored,
     audio_at,
@@ -115,6 +115,8 @@ def test_the_index_reads_recent_segments_of_its_sender_only(tmp_path: Path) -> N
     write_segment(day / "20261124T000200Z.mkv", "cam2", range(20, 30))  # not cam1's
     old = time.time() - 600
     os.utime(day / "20261124T000000Z.mkv", (old, old))  # written before the window
+    leftover = part_path(day / "20261124T000300Z.mkv")  # a writer killed before publishing it
+    leftover.write_bytes(b"\x1a\x45\xdf\xa3")
 
     index = RecordedIndex(120.0)
     load = index.load(tmp_path / "cam1", "cam1")
@@ -128,6 +130,7 @@ def test_the_index_reads_recent_segments_of_its_sender_only(tmp_path: Path) -> N
     assert index.seen(StreamKind.AUDIO, video_at(12) + 1000)
     assert not index.seen(StreamKind.AUDIO, video_at(12))
     assert len(recent_segments(tmp_path / "cam1", time.time() - 120)) == 2
+    assert not leftover.exists(), "what a killed writer left unpublished is removed"
 
 
 def test_a_segment_cut_short_is_indexed_up_to_the_cut(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -25,6 +26,7 @@ from avd.media.segment import (
     SegmentWriter,
     check_path_component,
     parse_segment_start,
+    part_path,
     segment_path,
 )
 
@@ -285,3 +287,41 @@ def test_cluster_scanner_counts_only_whole_clusters(tmp_path: Path) -> None:
             assert found.total() <= readable
     assert counted == sorted(counted)
     assert counted[-1] > len(frames), "the scanner sees the clusters of a cut file"
+
+
+KILLED_AFTER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from avd.media.segment import SegmentWriter
+from tests.test_segment import AUDIO, BASE_US, VIDEO, jpeg, pcm
+writer = SegmentWriter(Path(sys.argv[1]), sender_id="c", start_us=BASE_US, video=VIDEO, audio=AUDIO)
+for n in range(int(sys.argv[2])):
+    writer.write_video(BASE_US + n * 50_000, jpeg(n), seq=n)
+    writer.write_audio(BASE_US + n * 50_000 + 1000, pcm(n), seq=n)
+    writer.take_durable()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_segment_killed_at_its_first_packets_leaves_no_unplayable_file(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    published = []
+    for packets in (1, 2, 3, 5):
+        path = tmp_path / f"killed-{packets}.mkv"
+        subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER, str(path), str(packets), str(repo)],
+            check=False,
+            timeout=60,
+            cwd=repo,
+        )
+        if path.exists():
+            published.append(packets)
+            probe = subprocess.run(
+                ["ffprobe", "-v", "error", str(path)], capture_output=True, check=False
+            )
+            assert probe.returncode == 0, f"killed after {packets}: {probe.stderr!r}"
+        else:
+            assert part_path(path).exists(), "the header waits under the .part name"
+    assert published, "a segment takes its final name once a cluster is in it"
+    assert 1 not in published, "a bare header is never under the final name"

@@ -29,7 +29,8 @@ from avd.media.base import (
     VideoFormat,
 )
 from avd.media.interleave import Held, Interleaver, WallClock
-from avd.media.segment import ClosedSegment, SegmentWriter, segment_path
+from avd.media.naming import segment_path
+from avd.media.segment import ClosedSegment, SegmentWriter
 
 log = logging.getLogger(__name__)
 
@@ -123,26 +124,44 @@ class SegmentChain:
     def _must_roll(self, held: Held) -> bool:
         segment = self.segment
         assert segment is not None
-        kind, capture = held.info.kind, held.capture_us
+        kind = held.info.kind
         track = segment.video_format if kind is StreamKind.VIDEO else segment.audio_format
         if track != held.info.format:
             return True  # a stream new to this segment, or one whose format changed
         if self.backfill:
-            # A stream lagging the other by more than the grace is written behind it: valid
-            # Matroska (blocks may be older than their cluster), and no storm of segments.
-            last = segment.last_capture_us(kind)
-            if capture < segment.start_us or (last is not None and capture <= last):
-                return True  # an older stretch of spool
-            if capture > segment.end_us + _BACKFILL_GAP_US:
-                return True  # a newer stretch: the spool of another outage
-            if kind is not StreamKind.VIDEO and segment.video_format is not None:
-                return capture - segment.start_us >= self._settings.segment_us + _AUDIO_CUT_SLACK_US
-        else:
-            if not held.frame.late and capture < segment.start_us - _CLOCK_JUMP_US:
-                return True  # the sender's clock went back: it restarted
-            if kind is not StreamKind.VIDEO and StreamKind.VIDEO in self._active:
-                return False  # cut on a video frame while there is video
-        return capture - segment.start_us >= self._settings.segment_us
+            return self._backfill_rolls(segment, kind, held.capture_us)
+        return self._live_rolls(segment, held)
+
+    def _backfill_rolls(self, segment: SegmentWriter, kind: StreamKind, capture: int) -> bool:
+        # A stream lagging the other by more than the grace is written behind it: valid
+        # Matroska (blocks may be older than their cluster), and no storm of segments.
+        last = segment.last_capture_us(kind)
+        if capture < segment.start_us or (last is not None and capture <= last):
+            return True  # an older stretch of spool
+        if capture > segment.end_us + _BACKFILL_GAP_US:
+            return True  # a newer stretch: the spool of another outage
+        limit_us = self._settings.segment_us
+        if kind is not StreamKind.VIDEO and segment.video_format is not None:
+            limit_us += _AUDIO_CUT_SLACK_US  # cut on a video frame, unless video stopped
+        return capture - segment.start_us >= limit_us
+
+    def _live_rolls(self, segment: SegmentWriter, held: Held) -> bool:
+        kind, capture = held.info.kind, held.capture_us
+        if not held.frame.late and capture < segment.start_us - _CLOCK_JUMP_US:
+            return True  # the sender's clock went back: it restarted
+        if kind is not StreamKind.VIDEO and StreamKind.VIDEO in self._active:
+            return False  # cut on a video frame while there is video
+        limit_us = self._settings.segment_us
+        if self._lost_a_track(segment):
+            # The sender's other stream has ended: a stopping sender ends its two streams a
+            # moment apart, and what trails belongs in this segment, not in a sliver of a
+            # segment of its own. A stream that carries on alone rolls one grace later.
+            limit_us += int(self._settings.grace * 1_000_000)
+        return capture - segment.start_us >= limit_us
+
+    def _lost_a_track(self, segment: SegmentWriter) -> bool:
+        tracks = {StreamKind.VIDEO: segment.video_format, StreamKind.AUDIO: segment.audio_format}
+        return any(fmt is not None and kind not in self._active for kind, fmt in tracks.items())
 
     def _open(self, held: Held) -> SegmentWriter:
         formats: dict[StreamKind, MediaFormat] = {

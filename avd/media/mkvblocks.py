@@ -16,8 +16,10 @@ on the safe side: nothing more is reported until the file is closed.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 _EBML_HEADER = 0x1A45DFA3
 _SEGMENT = 0x18538067
@@ -81,48 +83,68 @@ def count_blocks(cluster: memoryview) -> Counter[int]:
 
 
 class ClusterScanner:
-    """Counts, call after call, the blocks of each track newly complete in one file."""
+    """Counts, call after call, the blocks of each track newly complete in one file.
+
+    The file is opened at the first scan that finds it and kept open until ``close``, so
+    the scanner follows it through a rename.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._file: BinaryIO | None = None
         self._offset = 0  # the next top-level element to read
         self._in_segment = False
         self._stuck = False  # an unknown-size cluster: nothing more can be trusted
         self._size_seen = -1
 
+    def close(self) -> None:
+        """Stop scanning: later scans find nothing."""
+        self._stuck = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def scan(self) -> Counter[int]:
         """Blocks per track number in the clusters completed since the previous call."""
         found: Counter[int] = Counter()
-        try:
-            size = self._path.stat().st_size
-        except FileNotFoundError:
+        if self._stuck:
             return found
-        if self._stuck or size == self._size_seen:
+        if self._file is None:
+            try:
+                self._file = self._path.open("rb")
+            except FileNotFoundError:
+                return found  # nothing muxed yet: FFmpeg creates the file at the first packet
+        size = os.fstat(self._file.fileno()).st_size
+        if size == self._size_seen:
             return found
         self._size_seen = size
-        with self._path.open("rb") as file:
-            while self._offset + 2 <= size:
-                file.seek(self._offset)
-                head = _header(file.read(_MAX_HEADER), 0)
-                if head is None:
-                    break
-                ident, length, header_len = head
-                if not self._in_segment:
-                    if ident == _SEGMENT:  # descend: clusters are its children
-                        self._in_segment = True
-                        self._offset += header_len
-                        continue
-                    if ident != _EBML_HEADER or length is None:
-                        self._stuck = True
-                        break
-                elif length is None:
-                    self._stuck = True
-                    break
-                end = self._offset + header_len + (length or 0)
-                if end > size:
-                    break  # not complete yet
-                if ident == _CLUSTER:
-                    file.seek(self._offset + header_len)
-                    found += count_blocks(memoryview(file.read(length or 0)))
-                self._offset = end
+        while self._offset + 2 <= size:
+            step = self._step(self._file, size)
+            if step is None:
+                break
+            found += step
         return found
+
+    def _step(self, file: BinaryIO, size: int) -> Counter[int] | None:
+        """Read the top-level element at the offset and move past it; None to stop here."""
+        file.seek(self._offset)
+        head = _header(file.read(_MAX_HEADER), 0)
+        if head is None:
+            return None
+        ident, length, header_len = head
+        if not self._in_segment and ident == _SEGMENT:  # descend: clusters are its children
+            self._in_segment = True
+            self._offset += header_len
+            return Counter()
+        if length is None or not (self._in_segment or ident == _EBML_HEADER):
+            self._stuck = True  # a live (unseekable) layout, or not Matroska at all
+            return None
+        end = self._offset + header_len + length
+        if end > size:
+            return None  # not complete yet
+        blocks: Counter[int] = Counter()
+        if ident == _CLUSTER:
+            file.seek(self._offset + header_len)
+            blocks = count_blocks(memoryview(file.read(length)))
+        self._offset = end
+        return blocks

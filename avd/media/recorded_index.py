@@ -16,6 +16,7 @@ Used on the recorder's writer thread only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -26,6 +27,7 @@ import av
 import av.error
 
 from avd.media.base import StreamKind
+from avd.media.naming import PART_SUFFIX
 from avd.media.segment import TAG_SENDER, stamp_of
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,7 @@ def recorded_stamps(path: Path, sender_id: str) -> list[tuple[StreamKind, int]]:
 def recent_segments(sender_dir: Path, since: float) -> list[Path]:
     """Segments under ``sender_dir`` modified at or after ``since`` (epoch s), oldest first."""
     found: list[tuple[float, Path]] = []
-    for day in _dirs(sender_dir):
-        if _mtime(day) < since - _SEGMENT_OPEN_MAX_S:
-            continue
+    for day in _recent_days(sender_dir, since):
         for path in day.glob("*.mkv"):
             mtime = _mtime(path)
             if mtime >= since:
@@ -80,11 +80,24 @@ def recent_segments(sender_dir: Path, since: float) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _dirs(folder: Path) -> list[Path]:
+def remove_leftover_parts(sender_dir: Path, since: float) -> int:
+    """Delete the ``.part`` files a killed writer left in day folders touched since ``since``
+    (never published, so nothing in them was reported recorded); returns how many."""
+    removed = 0
+    for day in _recent_days(sender_dir, since):
+        for path in day.glob(f".*.mkv{PART_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _recent_days(sender_dir: Path, since: float) -> list[Path]:
     try:
-        return [p for p in folder.iterdir() if p.is_dir()]
+        days = [p for p in sender_dir.iterdir() if p.is_dir()]
     except OSError:
         return []
+    return [day for day in days if _mtime(day) >= since - _SEGMENT_OPEN_MAX_S]
 
 
 def _mtime(path: Path) -> float:
@@ -104,8 +117,10 @@ class RecordedIndex:
         self._order: dict[StreamKind, deque[tuple[float, int]]] = {k: deque() for k in StreamKind}
 
     def load(self, sender_dir: Path, sender_id: str) -> IndexLoad:
-        """Index the segments of ``sender_dir`` written within the window."""
+        """Index the segments of ``sender_dir`` written within the window (and remove what
+        a killed writer left unpublished). Call it before this process writes there."""
         started, now = time.monotonic(), time.time()
+        remove_leftover_parts(sender_dir, now - self._window_s)
         paths = recent_segments(sender_dir, now - self._window_s)
         frames = 0
         for path in paths:

@@ -25,13 +25,14 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings
+from avd.media.done import FrameDone, OnDone, Overflow
 from avd.media.latest import LatestJpeg
 from avd.media.recording import RecorderStats, RecordingSettings, SenderRecording
 from avd.media.retention import RetentionPolicy, enforce
@@ -40,9 +41,6 @@ from avd.media.segment import ClosedSegment
 __all__ = ["FrameDone", "OnDone", "Recorder", "RecorderStats"]
 
 log = logging.getLogger(__name__)
-
-FrameDone = tuple[str, StreamKind, int]  # (sender id, kind, seq)
-OnDone = Callable[[Sequence[FrameDone]], None]
 
 _TICK_SECONDS = 0.1  # how often an idle writer releases held frames and does timed work
 _REPORT_SECONDS = 0.05  # how often finished frames are reported: batches, not one per frame
@@ -55,31 +53,6 @@ class _Event:
     kind: Literal["start", "frame", "end", "stop"]
     info: StreamInfo | None = None
     frame: ReceivedFrame | None = None
-
-
-class _Overflow:
-    """Frames dropped on a full queue, to be reported done, as runs of consecutive seqs:
-    a full queue drops whole stretches, so a stalled writer costs a few runs per stream."""
-
-    def __init__(self) -> None:
-        self._runs: dict[tuple[str, StreamKind], list[list[int]]] = {}
-
-    def add(self, sender_id: str, kind: StreamKind, seq: int) -> None:
-        runs = self._runs.setdefault((sender_id, kind), [])
-        if runs and runs[-1][1] + 1 == seq:
-            runs[-1][1] = seq
-        else:
-            runs.append([seq, seq])
-
-    def take(self) -> list[FrameDone]:
-        taken = [
-            (sender_id, kind, seq)
-            for (sender_id, kind), runs in self._runs.items()
-            for first, last in runs
-            for seq in range(first, last + 1)
-        ]
-        self._runs.clear()
-        return taken
 
 
 class Recorder:
@@ -131,7 +104,7 @@ class Recorder:
         self._lock = threading.Lock()  # guards the four fields below and the senders dict
         self._queued_frames = 0
         self._dropped: dict[str, int] = {}
-        self._overflow = _Overflow()
+        self._overflow = Overflow()
         self._closed = False
         self._senders: dict[str, SenderRecording] = {}
         self._thread = threading.Thread(target=self._run, name="avd-recorder", daemon=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings, Done, SegmentChain
 from avd.media.interleave import Held, WallClock
+from avd.media.naming import check_path_component
 from avd.media.recorded_index import RecordedIndex
-from avd.media.segment import check_path_component
 
 log = logging.getLogger(__name__)
 

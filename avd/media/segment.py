@@ -4,9 +4,12 @@ No encoder runs: each JPEG becomes one MJPEG packet and each PCM chunk one ``pcm
 packet, byte for byte. Timestamps are the sender's capture clock (µs, shared by both of its
 streams) relative to the segment's first packet, in Matroska's native millisecond time base.
 
-Crash safety, chosen over a ``.part`` file renamed at close: the segment is written under its
-final name, so nothing is ever left half-renamed and a reader may open it at any time. Three
-muxer options make a kill -9 lose at most the last packet or two (tried on this machine):
+Crash safety: until its first cluster is in the file a segment is a bare header, which no
+player opens, so it is written as ``.<name>.part`` and takes its final name as soon as that
+cluster is there (a rename in one folder: atomic); from then on a reader may open it at any
+time, and a kill -9 leaves a playable file. A ``.part`` left by a kill holds nothing that was
+reported durable (``RecordedIndex.load`` removes it). Three muxer options make a kill -9
+lose at most the last packet or two (tried on this machine):
 ``flush_packets=1`` writes each packet through to the file, ``max_interleave_delta=1`` (µs)
 stops FFmpeg's interleaving queue from holding video back while an audio track is silent
 (packets already arrive in capture order: the recorder interleaves them), and
@@ -21,18 +24,18 @@ Matroska BlockAdditional stamp with its exact capture time and sequence number (
 reads it back). Packet times cannot serve: audio follows its sample count, and two frames
 in one millisecond are nudged apart.
 
-A segment that never received a packet is removed when closed: no empty file is left behind.
+A segment none of whose packets reached the file is removed when closed: no empty file is
+left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
+import os
 import struct
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Final
@@ -42,16 +45,33 @@ import av.error
 from av.packet import PacketSideData, packet_sidedata_type_from_literal
 from av.stream import Stream
 
+from avd.media.audioclock import AudioClock
 from avd.media.base import AudioFormat, StreamKind, VideoFormat
 from avd.media.mkvblocks import ClusterScanner
+from avd.media.naming import (
+    check_path_component,
+    parse_segment_start,
+    part_path,
+    segment_path,
+)
+
+__all__ = [  # the naming helpers are re-exported: callers know them from here
+    "TAG_BACKFILL",
+    "TAG_SENDER",
+    "TAG_START_US",
+    "ClosedSegment",
+    "SegmentWriter",
+    "check_path_component",
+    "parse_segment_start",
+    "part_path",
+    "segment_path",
+    "stamp_of",
+]
 
 log = logging.getLogger(__name__)
 
 MATROSKA_TIME_BASE = Fraction(1, 1000)  # Matroska's default TimestampScale is 1 ms
 _MUXER_OPTIONS = {"flush_packets": "1", "max_interleave_delta": "1", "cluster_time_limit": "250"}
-_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_NAME = re.compile(r"(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-backfill)?(?:-\d+)?\.mkv")
-BACKFILL_SUFFIX = "-backfill"
 TAG_SENDER, TAG_START_US, TAG_BACKFILL = "AVD_SENDER", "AVD_START_US", "AVD_BACKFILL"
 # BlockAddID 1 (codec-opaque data, the one FFmpeg writes), a magic, capture µs, seq.
 _STAMP = struct.Struct(">Q4sQQ")
@@ -74,46 +94,6 @@ class ClosedSegment:
     audio_chunks: int
     bytes: int
     kept: bool
-
-
-def check_path_component(name: str) -> str:
-    """``name`` if it is safe as one folder name (a sender id), else ValueError naming it."""
-    if not _SAFE_COMPONENT.fullmatch(name):
-        raise ValueError(f"sender id {name!r} is not usable as a folder name")
-    return name
-
-
-def segment_path(
-    record_dir: Path, sender_id: str, start: datetime, *, backfill: bool = False
-) -> Path:
-    """A fresh ``record_dir/<sender>/YYYY-MM-DD/<start>.mkv``; ms, then a counter, if taken.
-
-    A backfill segment (late frames) is ``<start with ms>Z-backfill.mkv``: a name no live
-    segment can take, so the two never compete for a name.
-    """
-    start = start.astimezone(UTC)
-    day = record_dir / check_path_component(sender_id) / start.strftime("%Y-%m-%d")
-    seconds = start.strftime("%Y%m%dT%H%M%S")
-    with_ms = f"{seconds}.{start.microsecond // 1000:03d}"
-    if backfill:
-        with_ms += f"Z{BACKFILL_SUFFIX}"
-        candidates = [f"{with_ms}.mkv"] + [f"{with_ms}-{n}.mkv" for n in range(2, 1000)]
-    else:
-        candidates = [f"{seconds}Z.mkv", f"{with_ms}Z.mkv"]
-        candidates += [f"{with_ms}Z-{n}.mkv" for n in range(2, 1000)]
-    for name in candidates:
-        if not (day / name).exists():
-            return day / name
-    raise FileExistsError(f"no free segment name in {day} for {with_ms}")
-
-
-def parse_segment_start(name: str) -> datetime | None:
-    """The UTC start time in a segment's file name, or None if it is not one of ours."""
-    match = _NAME.fullmatch(name)
-    if match is None:
-        return None
-    start = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
-    return start.replace(microsecond=int(match.group(2) or 0) * 1000)
 
 
 def stamp_of(packet: av.Packet[Stream]) -> tuple[int, int] | None:
@@ -162,7 +142,9 @@ class SegmentWriter:
         self.video_frames = self.audio_chunks = self.bytes = 0
         self.end_us = start_us
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(path), "w", format="matroska", options=_MUXER_OPTIONS)
+        self._part = part_path(path)
+        self._published = False  # the file has its final name
+        self._container = av.open(str(self._part), "w", format="matroska", options=_MUXER_OPTIONS)
         self._container.metadata[TAG_SENDER] = sender_id  # written with the header
         self._container.metadata[TAG_START_US] = str(start_us)
         if backfill:
@@ -171,13 +153,14 @@ class SegmentWriter:
         self._audio = self._add_audio(audio) if audio else None
         self._last_capture_us: dict[StreamKind, int] = {}
         self._last_pts_ms = {"video": -1, "audio": -1}
-        self._audio_clock = _AudioClock(audio) if audio else None
+        self._audio_clock = AudioClock(audio) if audio else None
         self._pending: dict[int, tuple[StreamKind, deque[int]]] = {}  # by Matroska track number
         for kind, stream in ((StreamKind.VIDEO, self._video), (StreamKind.AUDIO, self._audio)):
             if stream is not None:
                 self._pending[stream.index + 1] = (kind, deque())
-        self._scanner = ClusterScanner(path)
+        self._scanner = ClusterScanner(self._part)
         self._durable: list[tuple[StreamKind, int]] = []
+        self._arrived: Counter[int] = Counter()  # blocks in the file, per track, not yet reported
 
     def _add_video(self, fmt: VideoFormat) -> av.VideoStream:
         stream = self._container.add_stream("mjpeg", rate=fmt.fps)
@@ -212,7 +195,7 @@ class SegmentWriter:
         return True
 
     def write_audio(self, capture_us: int, pcm: bytes, seq: int = 0) -> bool:
-        """Mux one PCM chunk; its time follows the sample count (see ``_AudioClock``)."""
+        """Mux one PCM chunk; its time follows the sample count (see ``AudioClock``)."""
         if self._audio is None or self._audio_clock is None:
             raise ValueError(f"segment {self.path} has no audio track")
         if capture_us < self.start_us:
@@ -261,10 +244,25 @@ class SegmentWriter:
         return durable
 
     def _collect_durable(self) -> None:
-        for track, count in self._scanner.scan().items():
+        self._arrived += self._scanner.scan()
+        if not self._arrived or not self._publish():
+            return  # a packet counts once the file holding it has its final name
+        for track, count in self._arrived.items():
             kind, seqs = self._pending.get(track, (StreamKind.VIDEO, deque()))
             for _ in range(min(count, len(seqs))):
                 self._durable.append((kind, seqs.popleft()))
+        self._arrived.clear()
+
+    def _publish(self) -> bool:
+        """Give the file its final name (its first cluster is in it); True once it has it."""
+        if not self._published:
+            try:
+                os.rename(self._part, self.path)
+            except OSError as exc:
+                log.warning("cannot rename %s to %s: %s", self._part, self.path, exc)
+                return False
+            self._published = True
+        return True
 
     def take_unwritten(self) -> list[tuple[StreamKind, int]]:
         """After ``close``: (kind, seq) of the packets that never reached the file."""
@@ -280,12 +278,12 @@ class SegmentWriter:
         except (OSError, av.error.FFmpegError) as exc:
             # The pause that follows a write error already logged the cause once.
             log.debug("closing segment %s failed: %s", self.path, exc)
-        kept = self.packets > 0
-        if kept:
-            self._collect_durable()  # what the close wrote out
-        else:
+        self._collect_durable()  # what the close wrote out
+        self._scanner.close()
+        kept = self._published
+        if not kept and not self._arrived:
             with contextlib.suppress(OSError):  # a read-only folder keeps its empty file
-                self.path.unlink(missing_ok=True)
+                self._part.unlink(missing_ok=True)
         return ClosedSegment(
             self.sender_id,
             self.path,
@@ -296,38 +294,3 @@ class SegmentWriter:
             self.bytes,
             kept,
         )
-
-
-class _AudioClock:
-    """Places PCM chunks on the capture clock by their sample count, not their arrival.
-
-    A capture thread stamps chunks with jitter; following the sample count keeps the audio
-    gapless (as aiortc does). The position re-anchors to the capture time when the two
-    disagree by more than one chunk (a lost chunk, or clock drift); a chunk that would
-    overlap the previous one by more than that is refused.
-    """
-
-    def __init__(self, fmt: AudioFormat) -> None:
-        self._rate = fmt.rate
-        self._frame_bytes = fmt.channels * fmt.sample_width
-        self._tolerance_us = max(1, fmt.chunk_duration_us)
-        self._anchor_us: int | None = None
-        self._samples = 0  # written since the anchor
-
-    def _at(self, samples: int) -> int:
-        assert self._anchor_us is not None
-        return self._anchor_us + samples * 1_000_000 // self._rate
-
-    def place(self, capture_us: int, size: int) -> tuple[int, int] | None:
-        """(start, end) in capture µs for a chunk of ``size`` bytes, or None to refuse it."""
-        if self._anchor_us is not None:
-            expected = self._at(self._samples)
-            if capture_us < expected - self._tolerance_us:
-                return None
-            if capture_us > expected + self._tolerance_us:
-                self._anchor_us = None
-        if self._anchor_us is None:
-            self._anchor_us, self._samples = capture_us, 0
-        start = self._at(self._samples)
-        self._samples += size // self._frame_bytes
-        return start, self._at(self._samples)
