@@ -875,7 +875,8 @@ What was measured:
                idle: the daemon with no sender, recording on, during the latency and
                throughput runs (which go to the probe receiver).
   reconnection avd-receiver killed with SIGKILL and started again on the same ports: its
-               "listening" log line to the first frame its metrics count (worst of {tries}).
+               "listening" log line to the first frame its metrics count: worst of {tries}
+               ({tries_s} s).
   senders      avd.loadgen processes: N TLS sessions, each with its own token and loopback
                address, pre-encoded test-pattern frames at 20 fps. A step passes with every
                frame counted, none rejected, none missing from the recordings, at least 95 %
@@ -903,6 +904,7 @@ def render(o: Outcome, plan: Plan, seconds: float) -> str:
         frames=int(p["frames"]), transport=p["transport_p50_ms"], decode=p["decode_p50_ms"],
         imdecode=p["imdecode_p50_ms"], hist50=_ms(c.histogram_p50_ms),
         hist99=_ms(c.histogram_p99_ms), chunks=int(p["chunks"]), tries=len(o.reconnects),
+        tries_s=", ".join(f"{t:.2f}" for t in o.reconnects),
         tput_tx=p["sender_side_cpu_pct"], tput_rx=p["receiver_side_cpu_pct"],
     )]  # fmt: skip
     lines += ["", _steps_table(o.steps), "", _bandwidth_table(o.bandwidth)]

@@ -177,3 +177,29 @@ def test_a_child_that_exits_without_the_line_is_reported_with_its_output() -> No
     with pytest.raises(RuntimeError, match=r"(?s)talker did not print 'ready'.*bye"):
         child.wait_for("ready", timeout=10)
     assert child.stop() == 0
+
+
+def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
+    probe = dict.fromkeys(
+        ("frames", "transport_p50_ms", "decode_p50_ms", "imdecode_p50_ms", "chunks"), 1.0
+    ) | {"sender_side_cpu_pct": 50.0, "receiver_side_cpu_pct": 60.0}
+    steps = [bench.Step(25, received_fps=500, p99_ms=3.0, rss_bytes=90 * bench.MIB)]
+    steps.append(bench.Step(100, ["p99 latency at or over 50 ms (80.0 ms)"], 1990, 80.0))
+    outcome = bench.Outcome(
+        figures=_figures(latency_p99_ms=9.0, max_senders=25, receiver_idle_cpu_pct=0.1),
+        probe=probe,
+        cpu=bench.CpuFigures(4.0, 2.0, None, 3.5),
+        reconnects=[0.25, 0.5],
+        steps=steps,
+        bandwidth=[("video 640x480 20 fps q70", 3900.0, 3904.0)],
+    )
+    lines = bench.render(outcome, bench.FULL, 90).splitlines()
+    p99 = next(line for line in lines if line.startswith("latency p99"))
+    assert p99.split()[-1] == "NO"
+    assert "9.00 ms" in p99
+    assert "<= 4.50 ms (2x floor)" in p99
+    idle = next(line for line in lines if line.startswith("receiver CPU, idle"))
+    assert idle.split()[-1] == "yes"
+    assert any("worst of 2" in line for line in lines)
+    assert any(line.lstrip().startswith("100") and "FAIL: p99" in line for line in lines)
+    assert any(line.lstrip().startswith("25") and line.endswith("pass") for line in lines)
