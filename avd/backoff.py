@@ -13,8 +13,8 @@ and reconnects for ever:
 - only a healthy session (one that lasted ``healthy_after_s``) resets the escalation: a
   receiver that accepts and drops at once must not put us in a tight loop;
 - a refused connection (the receiver's host answers but nothing listens: the daemon is
-  restarting) is retried every ``first_s`` to ``2 * first_s``, without escalating: each try
-  costs the receiver's kernel one RST, and the stream is back within a second of the
+  restarting) is retried every ``first_s / 2`` to ``first_s``, without escalating: each try
+  costs the receiver's kernel one RST, and the stream is back within half a second of the
   receiver's return, where doubling delays would leave it waiting up to the cap.
 """
 
@@ -77,7 +77,7 @@ class Backoff:
             self._base = self.cap_s
             return self.cap_s
         if failure is FailureKind.NOT_LISTENING:
-            return min(self.cap_s, self._rng.uniform(self.first_s, 2 * self.first_s))
+            return min(self.cap_s, self._rng.uniform(self.first_s / 2, self.first_s))
         base = self._base
         # Kept as a base (not an exponent) so endless failures cannot overflow a float.
         self._base = min(self.cap_s, base * self.factor)
