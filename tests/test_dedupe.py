@@ -147,9 +147,13 @@ def test_a_segment_cut_short_is_indexed_up_to_the_cut(tmp_path: Path) -> None:
 
 def test_the_index_forgets_by_age_and_by_count() -> None:
     index = RecordedIndex(120.0, max_per_kind=3)
-    for t in range(5):
-        index.claim(StreamKind.VIDEO, t)
+    now = time.time()
+    for t in range(5):  # one a second: the cap forgets the oldest seconds
+        index.claim(StreamKind.VIDEO, t, now - 5 + t)
     assert [index.seen(StreamKind.VIDEO, t) for t in range(5)] == [False, False, True, True, True]
+    for t in range(5, 10):  # a burst within the current second is never cut
+        index.claim(StreamKind.VIDEO, t)
+    assert all(index.seen(StreamKind.VIDEO, t) for t in range(5, 10))
     index.claim(StreamKind.AUDIO, 7, time.time() - 200)
     index.claim(StreamKind.AUDIO, 8)
     assert not index.seen(StreamKind.AUDIO, 7)

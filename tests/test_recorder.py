@@ -498,12 +498,13 @@ def test_full_disk_pauses_once_and_resumes_by_itself(
     assert "No space left on device" in message
     assert "live streaming continues" in message
 
-    filler.unlink()
+    filler.unlink()  # room for about six frames: one at a time, so that none queue up
     deadline = time.monotonic() + 15
     while recorder.paused("cam1"):
         assert time.monotonic() < deadline, "recording did not resume"
         send(1)
-    send(5)
+        wait_until(lambda: handled() == sent)
+    send(3)
     recorder.close()
     resumed = [r.getMessage() for r in caplog.records if "recording resumed" in r.getMessage()]
     assert len(resumed) == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings, Done, SegmentChain
@@ -63,6 +64,9 @@ class RecordingSettings:
     retry_seconds: float
     dedupe_window_s: float
     backfill_idle_s: float
+
+
+_Reason = Literal["not_recorded", "late_dropped", "out_of_order"]  # RecorderStats fields
 
 
 @dataclass(slots=True)
@@ -152,6 +156,8 @@ class SenderRecording:
 
     def tick(self, now: float) -> None:
         self._release(now)
+        if self._index is not None:
+            self._index.expire()  # a sender that went away frees its index too
         if not self.backfill.idle and now - self._last_late >= self._settings.backfill_idle_s:
             self._finish(self.backfill, now)  # the spool has been sent: close its segment
 
@@ -221,9 +227,10 @@ class SenderRecording:
         else:
             self._stats.audio_chunks += 1
         self._stats.bytes += len(frame.data)
-        self._stats.late_recorded += frame.late
+        if frame.late:
+            self._stats.late_recorded += 1
 
-    def _give_up(self, kind: StreamKind, frame: ReceivedFrame, reason: str) -> None:
+    def _give_up(self, kind: StreamKind, frame: ReceivedFrame, reason: _Reason) -> None:
         setattr(self._stats, reason, getattr(self._stats, reason) + 1)
         self._done.append((kind, frame.seq))
         if self._index is not None:
