@@ -1,6 +1,6 @@
 # The two commands of the README's quick start: `make demo` and `make test`.
 # Each installs what it needs first (scripts/bootstrap is idempotent).
-.PHONY: demo test lint typecheck unit bootstrap clean
+.PHONY: demo test lint typecheck unit fuzz bootstrap clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,7 +21,17 @@ typecheck: bootstrap
 unit: bootstrap
 	$(PY) -m pytest -q
 
-test: lint typecheck unit
+# The protocol parser under coverage-guided fuzzing (atheris) for a bounded time; CI runs
+# FUZZ_SECONDS of it in every `make test`, `make fuzz FUZZ_SECONDS=600` digs deeper.
+FUZZ_SECONDS ?= 20
+fuzz: bootstrap
+	@rm -rf .fuzz-corpus && $(PY) fuzz/fuzz_protocol.py --write-seeds .fuzz-corpus >/dev/null
+	@$(PY) fuzz/fuzz_protocol.py .fuzz-corpus -max_total_time=$(FUZZ_SECONDS) \
+		-print_final_stats=1 > .fuzz-corpus/log 2>&1; status=$$?; \
+		grep -E "stat::(number_of_executed_units|new_units_added)|ERROR|Traceback" .fuzz-corpus/log; \
+		[ $$status -eq 0 ] || tail -40 .fuzz-corpus/log; exit $$status
+
+test: lint typecheck unit fuzz
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ The claim under test, the same as tests/test_protocol_props.py but searched by c
 rather than by hypothesis: bytes from a peer, however cut, give events or a
 RemoteProtocolError and nothing else, and how they are cut never changes what comes out.
 
-    .venv/bin/pip install atheris      # not a project dependency: fuzzing is on demand
+    make fuzz FUZZ_SECONDS=60           # atheris is a dev dependency; make test runs 20 s
     .venv/bin/python fuzz/fuzz_protocol.py --write-seeds fuzz/corpus
     .venv/bin/python fuzz/fuzz_protocol.py fuzz/corpus -max_total_time=60
 
