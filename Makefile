@@ -1,6 +1,6 @@
 # The two commands of the README's quick start: `make demo` and `make test`.
 # Each installs what it needs first (scripts/bootstrap is idempotent).
-.PHONY: demo test lint typecheck unit fuzz bootstrap clean
+.PHONY: demo test lint typecheck unit fuzz bench bootstrap clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -32,6 +32,9 @@ fuzz: bootstrap
 		[ $$status -eq 0 ] || tail -40 .fuzz-corpus/log; exit $$status
 
 test: lint typecheck unit fuzz
+
+bench: bootstrap
+	$(VENV)/bin/avd bench --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
