@@ -226,6 +226,13 @@ class SenderSettings(CommonSettings):
     spool_max_mb: Annotated[int, Field(ge=1, le=65_536)] = Field(
         64, description="memory cap of each stream's spool, in MiB"
     )
+    spool_dir: Path | None = Field(
+        None,
+        description="spool overflow goes to files here, kept across restarts; unset = memory only",
+    )
+    spool_disk_max_mb: Annotated[int, Field(ge=1, le=1_048_576)] = Field(
+        1024, description="disk cap of each stream's spool under AVD_SPOOL_DIR, in MiB"
+    )
 
     @field_validator("sender_id")
     @classmethod
