@@ -297,7 +297,7 @@ def test_sender_never_accepts_media() -> None:
         (MessageType.HEARTBEAT, 21, FrameTooLarge),
         (MessageType.ACK, 9, FrameTooLarge),
         (MessageType.FLOOR, 7, RemoteProtocolError),
-        (MessageType.ACK, 9, FrameTooLarge),
+        (MessageType.FLOOR, 9, FrameTooLarge),
         (MessageType.HELLO, 513, FrameTooLarge),
         (MessageType.GOODBYE, 258, FrameTooLarge),
         (MessageType.MEDIA, 16, RemoteProtocolError),
