@@ -146,7 +146,6 @@ class Session:
         self._acks_sent = -1
         self._ack_timer: asyncio.TimerHandle | None = None
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
-        self._last_hb_sent_us = 0
         self._claimed_id: str | None = None  # an authenticated probe's id, for the log
 
     @property
@@ -426,7 +425,6 @@ class Session:
         echo, held = 0, 0
         if self._last_peer_hb is not None:
             echo, held = self._last_peer_hb[0], now - self._last_peer_hb[1]
-        self._last_hb_sent_us = now
         self._write(self.conn.send(protocol.Heartbeat(now, echo, held)))
 
     # ---- writing -----------------------------------------------------------------------

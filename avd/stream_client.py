@@ -322,7 +322,6 @@ class _Link:
         self.reader, self.writer = reader, writer
         self.heartbeat_s = max(heartbeat_s, 0.05)
         self.last_rx_us = monotonic_us()
-        self.last_hb_sent_us = 0
         self.last_peer_hb: tuple[int, int] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -443,7 +442,6 @@ class _Link:
         echo, held = 0, 0
         if self.last_peer_hb is not None:
             echo, held = self.last_peer_hb[0], now - self.last_peer_hb[1]
-        self.last_hb_sent_us = now
         self.writer.write(self.conn.send(protocol.Heartbeat(now, echo, held)))
 
     async def _tick(self) -> None:
