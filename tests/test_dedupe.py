@@ -16,8 +16,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from avd.media.base import StreamKind
 from avd.media.recorded_index import RecordedIndex, recent_segments, recorded_stamps
 from avd.media.recorder import FrameDone, Recorder
@@ -252,9 +250,8 @@ def test_after_a_kill_9_frames_sent_again_are_recorded_exactly_once(tmp_path: Pa
     assert len(done) == offered, "every frame offered is reported done"
 
 
-@pytest.mark.parametrize("sender", ["cam1"])
-def test_segments_say_whose_they_are_and_where_pts_0_is(tmp_path: Path, sender: str) -> None:
-    path = tmp_path / "s.mkv"
+def test_segments_say_whose_they_are_and_where_pts_0_is(tmp_path: Path) -> None:
+    sender, path = "cam1", tmp_path / "s.mkv"
     write_segment(path, sender, range(5, 8))
     tags, packets = stored(path)
     assert (tags["AVD_SENDER"], int(tags["AVD_START_US"])) == (sender, video_at(5))

@@ -8,8 +8,7 @@ first frame with a track for every stream that will feed it, rolls after ``segme
 capture time (on a video frame while there is video), and rolls early when a frame does not
 fit: a new or changed stream format; for live, a sender clock that went back; for backfill,
 a frame before what its stream has in the segment or long after the segment (another
-stretch of spool). Used on
-the recorder's writer thread only.
+stretch of spool). Used on the recorder's writer thread only.
 """
 
 from __future__ import annotations

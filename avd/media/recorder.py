@@ -6,15 +6,20 @@ frames (a frame that finds it full is dropped and counted as ``dropped``; start/
 are never dropped). The writer thread owns every file: segments, latest.jpg, retention.
 What becomes of each frame, per sender, is ``avd.media.recording``'s business: live and
 backfill segments (``avd.media.chain``), duplicates (``avd.media.recorded_index``), pauses.
+A sender's first stream in this process makes the writer read what it recorded in the last
+``dedupe_window_s`` (about 0.1 s for 120 s of A/V); its frames queue up meanwhile.
 
 Acknowledgements: ``on_done(batch)`` is called on the writer thread, and only there, with
 (sender id, kind, seq) for every frame the recorder is finished with, each exactly once:
 written and in the file (so a kill -9 of the receiver cannot lose it), recognised as a
 duplicate, or given up (queue full, recording paused, unusable sender id or format, no
 segment could take it). Batches go out at most every ``_REPORT_SECONDS`` and when the
-writer stops. The callback must be quick and must not block (hand the batch to the event
-loop with ``loop.call_soon_threadsafe``); an exception it raises is logged and ignored.
-Frames offered after ``close()`` are neither recorded nor reported.
+writer stops. A written frame waits for its cluster to reach the file: until the next video
+frame starts a cluster (250 ms for audio alone), after at most ``interleave_grace`` (live) or
+``max(interleave_grace, backfill_idle_s)`` (backfill) in the interleaver. The callback
+must be quick and must not block (hand the batch to the event loop with
+``loop.call_soon_threadsafe``); an exception it raises is logged and ignored. Frames
+offered after ``close()`` are neither recorded nor reported.
 """
 
 from __future__ import annotations
