@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -29,9 +31,13 @@ from avd.daemon import cancel_quietly, install_signal_handlers, keep_systemd_inf
 from avd.errors import AvdError, CertsExistError, ConfigError
 from avd.logs import LogEvent, log_event, setup_logging
 from avd.media.base import MediaSink
+from avd.media.done import FrameDone, OnDone
 from avd.media.fanout import FanoutSink
-from avd.metrics import ReceiverMetrics, SenderMetrics, serve
+from avd.metrics import ReceiverMetrics, RecorderCollector, SenderMetrics, serve
 from avd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from avd.media.recorder import Recorder
 
 EX_CONFIG = 78
 log = logging.getLogger("avd")
@@ -104,44 +110,66 @@ def _serve_metrics(
 # ---- receiver ---------------------------------------------------------------------------
 
 
-def build_receiver_sinks(settings: ReceiverSettings) -> list[MediaSink]:
-    sinks: list[MediaSink] = []
-    if settings.record_dir is not None:
-        from avd.media.recorder import Recorder  # noqa: PLC0415 - PyAV loads slowly
-        from avd.media.retention import RetentionPolicy  # noqa: PLC0415
+def build_recorder(settings: ReceiverSettings, on_done: OnDone | None) -> Recorder | None:
+    if settings.record_dir is None:
+        return None
+    from avd.media.recorder import Recorder  # noqa: PLC0415 - PyAV loads slowly
+    from avd.media.retention import RetentionPolicy  # noqa: PLC0415
 
-        gb = 1024**3
-        policy = RetentionPolicy(
-            max_age_days=settings.retention_days,
-            max_total_bytes=int(settings.record_max_gb * gb) if settings.record_max_gb else None,
-            min_free_bytes=int(settings.min_free_gb * gb) if settings.min_free_gb else None,
-        )
-        sinks.append(
-            Recorder(
-                settings.record_dir, segment_seconds=settings.segment_seconds, retention=policy
-            )
-        )
-    if settings.playback != "none":
-        from avd.errors import DeviceError  # noqa: PLC0415
-        from avd.media.speaker import SpeakerSink  # noqa: PLC0415 - PyAudio loads slowly
+    gb = 1024**3
+    policy = RetentionPolicy(
+        max_age_days=settings.retention_days,
+        max_total_bytes=int(settings.record_max_gb * gb) if settings.record_max_gb else None,
+        min_free_bytes=int(settings.min_free_gb * gb) if settings.min_free_gb else None,
+    )
+    return Recorder(
+        settings.record_dir,
+        segment_seconds=settings.segment_seconds,
+        retention=policy,
+        on_done=on_done,
+    )
 
-        try:
-            sinks.append(
-                SpeakerSink(
-                    settings.playback, settings.playback_sender, settings.playback_buffer_ms
-                )
-            )
-        except DeviceError as exc:
-            log.error("no playback: %s", exc)
-    return sinks
+
+def build_speaker(settings: ReceiverSettings) -> MediaSink | None:
+    if settings.playback == "none":
+        return None
+    from avd.errors import DeviceError  # noqa: PLC0415
+    from avd.media.speaker import SpeakerSink  # noqa: PLC0415 - PyAudio loads slowly
+
+    try:
+        return SpeakerSink(settings.playback, settings.playback_sender, settings.playback_buffer_ms)
+    except DeviceError as exc:
+        log.error("no playback: %s", exc)
+        return None
+
+
+def build_receiver_sinks(
+    settings: ReceiverSettings, on_done: OnDone | None = None
+) -> list[MediaSink]:
+    """The receiver's sinks as configured: the recorder, then the speaker."""
+    built = (build_recorder(settings, on_done), build_speaker(settings))
+    return [sink for sink in built if sink is not None]
 
 
 async def run_receiver(settings: ReceiverSettings) -> int:
     from avd.receiver import Receiver  # noqa: PLC0415 - keeps `--help` fast
 
     metrics = ReceiverMetrics()
-    sink = FanoutSink(build_receiver_sinks(settings))
-    receiver = Receiver(settings, sink, metrics)
+    loop = asyncio.get_running_loop()
+    receivers: list[Receiver] = []  # bound below: the recorder is built before the receiver
+
+    def recorded(batch: Sequence[FrameDone]) -> None:
+        # From the recorder's writer thread: acknowledgements go out on the event loop.
+        with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
+            loop.call_soon_threadsafe(receivers[0].frames_done, list(batch))
+
+    recorder = build_recorder(settings, on_done=recorded)
+    speaker = build_speaker(settings)
+    sink = FanoutSink([s for s in (recorder, speaker) if s is not None])
+    receiver = Receiver(settings, sink, metrics, acks_after_recording=recorder is not None)
+    receivers.append(receiver)
+    if recorder is not None:
+        metrics.registry.register(RecorderCollector(recorder.stats))
     stop = asyncio.Event()
     install_signal_handlers(stop, on_reload=receiver.reload_tokens)
     notifier = Notifier.from_env()
@@ -199,7 +227,8 @@ async def run_sender(settings: SenderSettings) -> int:
         LogEvent.DAEMON_STARTED,
         f"avd-sender {__version__}: {describe(settings)}{metrics_where}",
     )
-    streaming = asyncio.create_task(sender.run(stop))
+    abort = asyncio.Event()  # ends the streams at once; a stop lets them flush first
+    streaming = asyncio.create_task(sender.run(abort))
     # READY once the sources are open (or have failed once and are being retried).
     while not sender.all_open() and not streaming.done() and not stop.is_set():
         if any(c.error for c in sender.captures):
@@ -212,13 +241,17 @@ async def run_sender(settings: SenderSettings) -> int:
     if stop.is_set():
         notifier.stopping()
         log_event(log, logging.INFO, LogEvent.DAEMON_STOPPING, "avd-sender stopping")
+        # Capture stops first; each stream then sends what is left and waits for its acks.
+        await asyncio.to_thread(sender.stop_capture)
     else:
         log.info("all sources have ended")
-    stop.set()
     try:
-        await asyncio.wait_for(streaming, timeout=4.0)
+        await asyncio.wait_for(asyncio.shield(streaming), timeout=3.0)
     except TimeoutError:
-        log.warning("streams did not stop within 4 s")
+        log.warning("streams did not finish flushing within 3 s: closing them now")
+        abort.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(streaming, timeout=1.0)
     await cancel_quietly(informer, stopper)
     if stop_metrics is not None:
         stop_metrics()

@@ -7,9 +7,11 @@ one, so tests can run several daemons in one process and see only their own numb
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Latency buckets fine enough for p50/p99 of a loopback link (~1 ms) and coarse enough for
 # the internet (hundreds of ms); the demo and bench interpolate quantiles from them.
@@ -166,3 +168,36 @@ def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[Callable[[
         thread.join(timeout=2)
 
     return stop, int(server.server_port)
+
+
+class RecorderCollector:
+    """The recorder's own counters, read at scrape time: what happened to each frame."""
+
+    OUTCOMES = ("written", "duplicate", "dropped", "not_recorded", "late_dropped", "out_of_order")
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        frames = CounterMetricFamily(
+            "avd_recorder_frames",
+            "Frames the recorder finished with, by outcome (dropped: its queue was full)",
+            labels=["sender", "outcome"],
+        )
+        paused = GaugeMetricFamily(
+            "avd_recording_paused", "1 while recording is paused (disk full)", labels=["sender"]
+        )
+        for sender, s in self._stats().items():
+            counts = {
+                "written": s.video_frames + s.audio_chunks,
+                "duplicate": s.duplicates,
+                "dropped": s.dropped,
+                "not_recorded": s.not_recorded,
+                "late_dropped": s.late_dropped,
+                "out_of_order": s.out_of_order,
+            }
+            for outcome in self.OUTCOMES:
+                frames.add_metric([sender, outcome], counts[outcome])
+            paused.add_metric([sender], 1 if s.paused else 0)
+        yield frames
+        yield paused

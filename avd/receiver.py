@@ -77,7 +77,12 @@ class Listening:
 
 class Receiver:
     def __init__(
-        self, settings: ReceiverSettings, sink: MediaSink, metrics: ReceiverMetrics
+        self,
+        settings: ReceiverSettings,
+        sink: MediaSink,
+        metrics: ReceiverMetrics,
+        *,
+        acks_after_recording: bool = False,
     ) -> None:
         self.settings = settings
         self.sink = sink
@@ -107,6 +112,7 @@ class Receiver:
             register=self._register,
             unregister=self._unregister,
             auth_result=self._auth_result,
+            acks_after_recording=acks_after_recording,
         )
         self._log_throttle = LogThrottle()
         self.lockout = AuthLockout(

@@ -225,14 +225,20 @@ class Sender:
     def all_open(self) -> bool:
         return all(c.opened.is_set() for c in self.captures)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def stop_capture(self) -> None:
+        """Stop the sources (blocking: call from a thread); the streams then flush and end."""
+        for capture in self.captures:
+            capture.stop()
+
+    async def run(self, abort: asyncio.Event) -> None:
+        """Streams until every source has ended (see stop_capture), or ``abort`` is set."""
         loop = asyncio.get_running_loop()
         for source in self.sources:
             self._wire(loop, source)
         for capture in self.captures:
             capture.start()
         try:
-            await asyncio.gather(*(client.run(stop) for client in self.clients))
+            await asyncio.gather(*(client.run(abort) for client in self.clients))
         finally:
             for capture in self.captures:
                 await asyncio.to_thread(capture.stop)

@@ -42,6 +42,8 @@ T = TypeVar("T")
 # A live frame older than this when its turn comes is left to the spool (sent later as a
 # late frame): the live view never shows the past as if it were now.
 MAX_LIVE_AGE_US = 1_000_000
+# On shutdown, how long the sender waits for the receiver to acknowledge the last frames.
+FLUSH_WAIT_US = 2_500_000
 MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
 # A receiver away for hours must not fill the journal: the same problem is reported
 # again only this often (with how many attempts were made meanwhile).
@@ -298,6 +300,13 @@ class StreamClient:
                 conn.receive_data(await reader.read(4096))
 
 
+class _StreamCounters:
+    def __init__(self, metrics: SenderMetrics, stream: str) -> None:
+        self.sent = metrics.frames_sent.labels(stream=stream)
+        self.sent_bytes = metrics.bytes_sent.labels(stream=stream)
+        self.backfilled = metrics.frames_backfilled.labels(stream=stream)
+
+
 class _Link:
     """The three tasks of an established session; ``run`` raises why the session ended."""
 
@@ -315,6 +324,9 @@ class _Link:
         self.backfill_cursor = first_seq - 1  # spooled frames above it may still be unsent
         self.sent: set[int] = set()  # sent in this session and not yet acknowledged
         self.floor_sent = first_seq
+        self.counters = _StreamCounters(client.metrics, client.label)
+        self.acked = asyncio.Event()  # set by each ack: the flush at shutdown waits on it
+        self.stale = client.metrics.frames_dropped.labels(stream=client.label)
         self.max_wait_us = 0  # longest capture-to-send wait of a live frame this interval
         self.started_us = monotonic_us()
         self.dropped_seen = client.queue.dropped
@@ -355,10 +367,6 @@ class _Link:
     async def _pump(self) -> None:
         """Live frames first; when none is waiting, the spool's unsent frames, as late ones."""
         client = self.client
-        sent = client.metrics.frames_sent.labels(stream=client.label)
-        sent_bytes = client.metrics.bytes_sent.labels(stream=client.label)
-        backfilled = client.metrics.frames_backfilled.labels(stream=client.label)
-        stale = client.metrics.frames_dropped.labels(stream=client.label)
         while True:
             late = False
             item = client.queue.get_nowait()
@@ -371,25 +379,40 @@ class _Link:
                 continue
             if item is None:
                 item = await client.queue.get()
-                if item is None:
+                if item is None:  # capture has stopped: what was captured still goes out
+                    await self._flush()
                     raise SourceEnded
             seq, frame = item
             if not late and monotonic_us() - frame.capture_us > MAX_LIVE_AGE_US:
-                stale.inc()
+                self.stale.inc()
                 continue
-            media = protocol.Media(seq, frame.capture_us, frame.data, late=late)
-            head, payload = self.conn.send_media(media)
-            self.writer.write(head)
-            self.writer.write(payload)
-            await self._until_link_ready()
-            self.sent.add(seq)
-            if not late and frame.capture_us >= self.started_us:  # not an outage's leftovers
-                self.max_wait_us = max(self.max_wait_us, monotonic_us() - frame.capture_us)
-            sent.inc()
-            sent_bytes.inc(len(payload))
-            if late:
-                backfilled.inc()
-                self.backfilled += 1
+            await self._send(seq, frame, late=late)
+
+    async def _send(self, seq: int, frame: CapturedFrame, *, late: bool) -> None:
+        head, payload = self.conn.send_media(
+            protocol.Media(seq, frame.capture_us, frame.data, late)
+        )
+        self.writer.write(head)
+        self.writer.write(payload)
+        await self._until_link_ready()
+        self.sent.add(seq)
+        if not late and frame.capture_us >= self.started_us:  # not an outage's leftovers
+            self.max_wait_us = max(self.max_wait_us, monotonic_us() - frame.capture_us)
+        self.counters.sent.inc()
+        self.counters.sent_bytes.inc(len(payload))
+        if late:
+            self.counters.backfilled.inc()
+            self.backfilled += 1
+
+    async def _flush(self) -> None:
+        """The source has ended: send what the spool still holds, then await its acks."""
+        while (item := self._next_backfill()) is not None:
+            await self._send(*item, late=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_WAIT_US / 1e6):
+                while len(self.client.spool):
+                    self.acked.clear()
+                    await self.acked.wait()
 
     async def _until_link_ready(self) -> None:
         """Holds the next write while the link has UNSENT_LIMIT waiting; capture goes on."""
@@ -408,6 +431,7 @@ class _Link:
 
     def _on_ack(self, seq: int) -> None:
         self.client.spool.ack(seq)
+        self.acked.set()
         self.client.acked_seq = max(self.client.acked_seq, seq)
         self.sent = {s for s in self.sent if s > seq}
 
