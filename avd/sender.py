@@ -17,6 +17,7 @@ from avd.backoff import Backoff
 from avd.capture import CaptureThread
 from avd.clock import monotonic_us
 from avd.config import SenderSettings, credentials_directory
+from avd.diskspool import current_boot_id, open_disk_spool
 from avd.errors import ConfigError
 from avd.media.base import CapturedFrame, MediaSource, StreamKind
 from avd.metrics import SenderMetrics
@@ -148,7 +149,18 @@ class Sender:
             self._queue_capacity(source.kind), loop
         )
         label = source.kind.label
-        spool = Spool(max_bytes=s.spool_max_mb * 1024 * 1024, max_age_us=int(s.spool_seconds * 1e6))
+        max_age_us = int(s.spool_seconds * 1e6)
+        disk = None
+        if s.spool_dir is not None:  # overflow beyond the memory cap goes to video/ or audio/
+            disk = open_disk_spool(
+                s.spool_dir,
+                label,
+                max_bytes=s.spool_disk_max_mb * 1024 * 1024,
+                max_age_us=max_age_us,
+                now_us=monotonic_us(),
+                boot_id=current_boot_id(),
+            )
+        spool = Spool(max_bytes=s.spool_max_mb * 1024 * 1024, max_age_us=max_age_us, disk=disk)
         m = self.metrics
         captured, dropped = (
             m.frames_captured.labels(stream=label),
@@ -157,7 +169,7 @@ class Sender:
         lost = m.frames_lost.labels(stream=label)
         m.spool_frames.labels(stream=label).set_function(lambda: len(spool))
         m.spool_bytes.labels(stream=label).set_function(lambda: spool.bytes)
-        seqs = itertools.count()
+        seqs = itertools.count(spool.next_seq_hint())  # above frames read back from disk
         dynamic = None
         if source.kind is StreamKind.VIDEO and s.dynamic_quality:
             dynamic = DynamicQuality(source, s, m)
@@ -242,6 +254,8 @@ class Sender:
         finally:
             for capture in self.captures:
                 await asyncio.to_thread(capture.stop)
+            for client in self.clients:  # unacknowledged frames in memory go to disk, if set
+                await asyncio.to_thread(client.spool.close)
 
 
 def describe(settings: SenderSettings) -> str:
