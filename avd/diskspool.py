@@ -40,6 +40,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 import zlib
 from array import array
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import CapturedFrame
 
 log = logging.getLogger("avd.sender")
@@ -150,7 +152,8 @@ class DiskSpool:
         self._segments: list[_Segment] = []  # oldest first; the last may be _writing
         self._writing: _Segment | None = None
         self._to_sync: list[int] = []
-        self._write_failing = self._read_failing = False
+        self._write_failing = False
+        self._log_throttle = LogThrottle(60.0)  # a failing or flapping disk: a line a minute
         self._acked_fd = -1
         self._lock_fd = _lock_folder(directory)
 
@@ -192,13 +195,15 @@ class DiskSpool:
             try:
                 frame = self._read(i)
             except (OSError, CorruptRecord) as exc:
-                if not self._read_failing:
-                    log.error("%s: seq %d unreadable (%s): lost", self.directory, seq, exc)
-                self._read_failing = True
+                if (quiet := self._throttled("read")) is not None:
+                    seq = self._index.seq[i]
+                    log.error(
+                        "%s: spooled frame %d unreadable (%s): lost%s",
+                        self.directory, seq, exc, suppressed_note(quiet),
+                    )  # fmt: skip
                 self._forget(i)
                 self.lost += 1
                 continue
-            self._read_failing = False
             return self._index.seq[i], frame
         return None
 
@@ -245,9 +250,9 @@ class DiskSpool:
         seg.size += len(head) + len(data)
         self.file_bytes += len(head) + len(data)
         self.newest_seq = max(self.newest_seq, seq)
-        if self._write_failing:
+        if self._write_failing and self._throttled("resumed") is not None:
             log.info("%s: writable again; spooling to disk resumed", self.directory)
-            self._write_failing = False
+        self._write_failing = False
 
     def _create(self, seq: int, capture_us: int) -> _Segment:
         path = self.directory / f"{seq:020d}{SUFFIX}"
@@ -268,13 +273,15 @@ class DiskSpool:
                 os.ftruncate(seg.fd, seg.size)  # no partial record before the next one
             if seg.live == 0:
                 self._delete(seg)
-        if not self._write_failing:
+        if (quiet := self._throttled("write")) is not None:
             log.error(
-                "%s: cannot write (%s): frames beyond the memory cap are lost until it can",
-                self.directory,
-                exc.strerror or exc,
-            )
+                "%s: cannot write (%s): frames beyond the memory cap are lost until it can%s",
+                self.directory, exc.strerror or exc, suppressed_note(quiet),
+            )  # fmt: skip
         self._write_failing = True
+
+    def _throttled(self, kind: str) -> int | None:
+        return self._log_throttle.admit(kind, "", time.monotonic())
 
     def _seal(self) -> None:
         seg, self._writing = self._writing, None

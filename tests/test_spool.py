@@ -1,12 +1,16 @@
-"""Spool: frames held until acknowledged, bounded by bytes and capture-time age."""
+"""Spool: frames held until acknowledged, bounded by bytes and capture-time age; with a
+disk tier in a real folder, overflow goes to segment files and survives a restart."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
+from pathlib import Path
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from avd.diskspool import DiskSpool
 from avd.media.base import CapturedFrame
 from avd.spool import Spool
 
@@ -110,3 +114,147 @@ def test_bounds_always_hold_and_every_frame_is_held_acked_or_lost(
         if oldest is not None:
             assert seq * 1000 - oldest * 1000 <= 5_000
     assert len(spool) + acked_count + spool.lost == len(ops)
+
+
+# ---- with a disk tier (AVD_SPOOL_DIR) ------------------------------------------------------
+
+
+def tiered(
+    directory: Path,
+    *,
+    memory: int = 100,
+    disk: int = 1 << 20,
+    age_us: int = 10**9,
+    now_us: int = 10**6,
+) -> Spool:
+    """A spool whose memory holds ``memory`` bytes, the rest going to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tier = DiskSpool(directory, max_bytes=disk, segment_bytes=400, segment_us=10**12)
+    tier.recover(boot_id="boot", now_us=now_us, max_age_us=age_us)
+    return Spool(max_bytes=memory, max_age_us=age_us, disk=tier)
+
+
+def sized(seq: int, size: int = 30) -> CapturedFrame:
+    return CapturedFrame(capture_us=seq * 1000, data=f"{seq:05d}".encode() * (size // 5))
+
+
+def walk(spool: Spool) -> list[tuple[int, CapturedFrame]]:
+    found, cursor = [], -1
+    while (item := spool.next_after(cursor)) is not None:
+        found.append(item)
+        cursor = item[0]
+    return found
+
+
+def test_beyond_the_memory_cap_the_oldest_frames_go_to_disk_not_lost(tmp_path: Path) -> None:
+    spool = tiered(tmp_path)
+    assert [spool.add(seq, sized(seq)) for seq in range(50)] == [0] * 50
+    assert spool.lost == 0
+    assert len(spool) == 50
+    assert spool.memory_bytes <= 100
+    assert spool.bytes == 50 * 30
+    assert spool.disk is not None
+    assert len(spool.disk) == 47
+    assert list(tmp_path.glob("*.spool"))
+
+
+def test_next_after_walks_disk_then_memory_in_seq_order(tmp_path: Path) -> None:
+    spool = tiered(tmp_path)
+    for seq in range(20):
+        spool.add(seq, sized(seq))
+    assert walk(spool) == [(seq, sized(seq)) for seq in range(20)]
+    assert spool.next_after(16) == (17, sized(17))  # in memory
+    assert spool.next_after(3) == (4, sized(4))  # on disk
+    assert spool.oldest_seq() == 0
+    assert spool.floor() == 0
+
+
+def test_acks_cover_both_tiers_and_delete_acknowledged_segments(tmp_path: Path) -> None:
+    spool = tiered(tmp_path)
+    for seq in range(40):
+        spool.add(seq, sized(seq))
+    files = len(list(tmp_path.glob("*.spool")))
+    assert spool.ack(20) == 21
+    assert 0 < len(list(tmp_path.glob("*.spool"))) < files
+    assert spool.floor() == 21
+    assert spool.ack(39) == 19
+    assert list(tmp_path.glob("*.spool")) == []
+    assert (len(spool), spool.bytes, spool.lost) == (0, 0, 0)
+    assert spool.floor() == 40
+
+
+def test_the_age_window_evicts_from_disk_first(tmp_path: Path) -> None:
+    spool = tiered(tmp_path, age_us=10_000)  # 10 frames' worth
+    for seq in range(30):
+        spool.add(seq, sized(seq))
+    assert spool.lost == 19  # frames 0-18 are more than 10 ms older than frame 29
+    assert spool.oldest_seq() == 19
+    assert [seq for seq, _ in walk(spool)] == list(range(19, 30))
+
+
+def test_beyond_both_caps_the_oldest_frames_are_lost(tmp_path: Path) -> None:
+    spool = tiered(tmp_path, disk=1200)  # three segments of 400 bytes
+    lost = sum(spool.add(seq, sized(seq)) for seq in range(100))
+    assert lost == spool.lost > 0
+    held = [seq for seq, _ in walk(spool)]
+    assert held == list(range(100 - len(held), 100))  # the newest, without a gap
+    assert len(held) + lost == 100
+
+
+def test_close_puts_memory_on_disk_and_a_new_spool_numbers_on_above_it(tmp_path: Path) -> None:
+    spool = tiered(tmp_path)
+    for seq in range(20):
+        spool.add(seq, sized(seq))
+    spool.ack(4)
+    spool.close()
+    again = tiered(tmp_path)
+    assert walk(again) == [(seq, sized(seq)) for seq in range(5, 20)]
+    assert again.floor() == 5
+    assert again.next_seq_hint() == 20
+    again.ack(19)
+    again.close()
+    assert tiered(tmp_path).next_seq_hint() == 20  # all acknowledged: numbering still goes on
+
+
+def test_without_a_disk_the_numbering_starts_at_zero() -> None:
+    spool = Spool(max_bytes=100, max_age_us=10**9)
+    assert spool.next_seq_hint() == 0
+    spool.add(0, frame(0))
+    assert spool.next_seq_hint() == 1
+    spool.close()  # nothing to do
+    assert len(spool) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 3)), max_size=150),
+    st.integers(0, 150),
+)
+def test_with_a_disk_every_frame_is_held_acked_or_lost_across_a_restart(
+    ops: list[tuple[int, int]], restart_at: int
+) -> None:
+    """Sizes and acks at random, one restart: held + acked + lost == added, bounds hold."""
+    with tempfile.TemporaryDirectory() as folder:
+        directory = Path(folder) / "video"
+        spool = tiered(directory, memory=150, disk=1000, age_us=40_000)
+        acked = lost_before = 0
+        for seq, (size, ack_back) in enumerate(ops):
+            if seq == restart_at:
+                spool.close()
+                lost_before += spool.lost
+                now_us = (seq - 1) * 1000  # the last capture: the window drops nothing more
+                spool = tiered(directory, memory=150, disk=1000, age_us=40_000, now_us=now_us)
+                assert spool.next_seq_hint() >= seq
+            spool.add(seq, sized(seq, size * 5))
+            if ack_back:
+                acked += spool.ack(seq - ack_back)
+            assert spool.memory_bytes <= 150
+            assert spool.disk is not None
+            assert spool.disk.file_bytes <= 1000
+            oldest = spool.oldest_seq()
+            assert oldest is None or seq - oldest <= 40
+        held = walk(spool)
+        assert held == [(s, sized(s, ops[s][0] * 5)) for s, _ in held]
+        assert len(held) == len(spool)
+        assert len(held) + acked + lost_before + spool.lost == len(ops)
+        spool.close()
