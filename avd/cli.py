@@ -255,6 +255,8 @@ async def run_sender(settings: SenderSettings) -> int:
     await cancel_quietly(informer, stopper)
     if stop_metrics is not None:
         stop_metrics()
+    for line in sender.summary():
+        log.info("%s", line)
     log.info("avd-sender stopped")
     return 0
 

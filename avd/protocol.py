@@ -59,6 +59,9 @@ Byte layout (all integers big-endian)::
       1  1  n              text length
       2  n  text           UTF-8, for logs
 
+A goodbye closes one direction, as TCP's FIN does: the side that receives it may still send
+(the receiver its last acks, once what the sender sent is recorded) and then its own goodbye.
+
 Errors follow h11: ``RemoteProtocolError`` when the peer breaks the rules,
 ``LocalProtocolError`` when we try to; after either, the connection stays failed.
 """
@@ -413,6 +416,8 @@ class State(enum.Enum):
     HELLO_RECEIVED = "hello-received"  # receiver: must answer welcome or refused
     AWAIT_WELCOME = "await-welcome"  # sender: hello sent
     OPEN = "open"
+    GOODBYE_SENT = "goodbye-sent"  # we send nothing more; the peer may still (final acks)
+    GOODBYE_RECEIVED = "goodbye-received"  # the peer sends nothing more; we may answer
     CLOSED = "closed"
     FAILED = "failed"
 
@@ -430,6 +435,9 @@ _ALLOWED_IN: dict[tuple[Role, State], frozenset[MessageType]] = {
         {MessageType.HEARTBEAT, MessageType.ACK, MessageType.GOODBYE}
     ),
 }
+# After our goodbye the peer may still be sending what it had, and answers with its own.
+_ALLOWED_IN[(Role.RECEIVER, State.GOODBYE_SENT)] = _ALLOWED_IN[(Role.RECEIVER, State.OPEN)]
+_ALLOWED_IN[(Role.SENDER, State.GOODBYE_SENT)] = _ALLOWED_IN[(Role.SENDER, State.OPEN)]
 
 
 class Connection:
@@ -474,6 +482,8 @@ class Connection:
     def _next_event(self) -> Event | None:
         if self.state in (State.CLOSED, State.HELLO_RECEIVED):
             return None
+        if self.state is State.GOODBYE_RECEIVED and self._decoder.buffered:
+            raise RemoteProtocolError("a message after the peer's goodbye")
         message = self._decoder.next_message()
         if message is None:
             if self._peer_closed:
@@ -496,6 +506,8 @@ class Connection:
         elif isinstance(event, Welcome):
             self.state = State.OPEN
             self.peer_max_payload = event.max_payload
+        elif isinstance(event, Goodbye) and self.state is State.OPEN:
+            self.state = State.GOODBYE_RECEIVED
         elif isinstance(event, Refused | Goodbye):
             self.state = State.CLOSED
 
@@ -521,15 +533,15 @@ class Connection:
     def _check_send(self, event: Event) -> None:
         state, role = self.state, self.role
         if isinstance(event, Goodbye):
-            ok = state not in (State.CLOSED, State.FAILED)
+            ok = state not in (State.CLOSED, State.FAILED, State.GOODBYE_SENT)
         elif isinstance(event, Hello):
             ok = role is Role.SENDER and state is State.AWAIT_WELCOME and not self._hello_sent
         elif isinstance(event, Welcome | Refused):
             ok = role is Role.RECEIVER and state is State.HELLO_RECEIVED
         elif isinstance(event, Media | Floor):
             ok = role is Role.SENDER and state is State.OPEN
-        elif isinstance(event, Ack):
-            ok = role is Role.RECEIVER and state is State.OPEN
+        elif isinstance(event, Ack):  # final acks answer a sender's goodbye
+            ok = role is Role.RECEIVER and state in (State.OPEN, State.GOODBYE_RECEIVED)
         elif isinstance(event, Heartbeat):
             ok = state is State.OPEN
         else:
@@ -547,5 +559,7 @@ class Connection:
             self.state = State.OPEN
             assert self.kind is not None
             self._decoder.media_limit = min(event.max_payload, self.limits.media_payload(self.kind))
+        elif isinstance(event, Goodbye) and self.state is State.OPEN:
+            self.state = State.GOODBYE_SENT
         elif isinstance(event, Refused | Goodbye):
             self.state = State.CLOSED

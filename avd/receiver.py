@@ -99,6 +99,9 @@ class Receiver:
             max_audio_payload=settings.max_audio_chunk_kb * 1024,
         )
         self.sessions: dict[tuple[str, StreamKind], Session] = {}
+        # Where the recorder's done-reports go: kept past a sender's goodbye, until the
+        # session has sent its last acknowledgement (``sessions`` forgets it earlier).
+        self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
         self._per_ip: Tally[str] = Tally()
         self._handlers: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -111,6 +114,7 @@ class Receiver:
             idle_timeout_s=settings.idle_timeout_s,
             register=self._register,
             unregister=self._unregister,
+            finished=self._finished,
             auth_result=self._auth_result,
             acks_after_recording=acks_after_recording,
         )
@@ -181,7 +185,7 @@ class Receiver:
         for sender_id, kind, seq in batch:
             by_session.setdefault((sender_id, kind), []).append(seq)
         for key, seqs in by_session.items():
-            session = self.sessions.get(key)
+            session = self._ack_routes.get(key)
             if session is not None:
                 session.frames_done(seqs)
 
@@ -198,9 +202,16 @@ class Receiver:
         key = (session.info.sender_id, session.info.kind)
         old = self.sessions.get(key)
         self.sessions[key] = session
+        self._ack_routes[key] = session
         if old is not None and old is not session:
             log.info("%s reconnected: replacing its previous %s session", key[0], key[1].label)
             old.close(CloseReason.REPLACED)
+
+    def _finished(self, session: Session) -> None:
+        assert session.info is not None
+        key = (session.info.sender_id, session.info.kind)
+        if self._ack_routes.get(key) is session:
+            del self._ack_routes[key]
 
     def _unregister(self, session: Session) -> None:
         assert session.info is not None

@@ -234,6 +234,25 @@ class Sender:
             return None
         return (self._sent_mark[1] - previous[1]) * 1e6 / (now - previous[0])
 
+    def summary(self) -> list[str]:
+        """One line per stream for the log at exit: what happened to the frames captured."""
+        registry = self.metrics.registry
+        lines = []
+        for client in self.clients:
+            counts = {
+                name: int(
+                    registry.get_sample_value(f"avd_frames_{name}_total", {"stream": client.label})
+                    or 0
+                )
+                for name in ("captured", "sent", "backfilled", "dropped", "lost")
+            }
+            lines.append(
+                f"{client.label}: captured={counts['captured']} sent={counts['sent']} "
+                f"backfilled={counts['backfilled']} dropped-live={counts['dropped']} "
+                f"lost={counts['lost']} unacknowledged={len(client.spool)}"
+            )
+        return lines
+
     def all_open(self) -> bool:
         return all(c.opened.is_set() for c in self.captures)
 

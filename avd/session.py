@@ -42,6 +42,8 @@ log = logging.getLogger("avd.receiver")
 READ_SIZE = 256 * 1024
 # Acks are batched: one per ACK_DELAY_S at most, whatever the frame rate.
 ACK_DELAY_S = 0.1
+# After a sender's goodbye, how long its last frames may take to be recorded and acked.
+FINAL_ACK_WAIT_S = 2.0
 # A peer that does not read its heartbeats and goodbyes must not make us buffer for it.
 MAX_WRITE_BUFFER = 1024 * 1024
 
@@ -74,6 +76,7 @@ class SessionContext:
     idle_timeout_s: float
     register: Callable[[Session], None]
     unregister: Callable[[Session], None]
+    finished: Callable[[Session], None]  # no more acknowledgements will be sent
     auth_result: Callable[[str, bool], None]  # (peer ip, token good?) for the lockout
     skew: SkewTracker = field(default_factory=SkewTracker)
     # True when a recorder reports each frame done (recorded, duplicate or given up) through
@@ -143,6 +146,9 @@ class Session:
         self.last_rx_us = self.started_us
         self._close_reason: CloseReason | None = None
         self.acks = AckWatermark(0)
+        self._highest_seq = -1
+        self._acks_moved = asyncio.Event()
+        self._stream_open = False
         self._acks_sent = -1
         self._ack_timer: asyncio.TimerHandle | None = None
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
@@ -190,16 +196,34 @@ class Session:
         self._send_goodbye(CLOSE_TO_GOODBYE.get(reason, GoodbyeReason.BYE), reason.value)
         self.writer.close()
 
+    async def _answer_goodbye(self) -> None:
+        """The sender is done: end the stream (the recorder finishes its file), wait for the
+        acknowledgements to cover what arrived, send them, then our own goodbye."""
+        self._end_stream()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINAL_ACK_WAIT_S):
+                while self.acks.acked < self._highest_seq:
+                    self._acks_moved.clear()
+                    await self._acks_moved.wait()
+        self._send_ack()
+        self._send_goodbye(GoodbyeReason.BYE, "recorded")
+
+    def _end_stream(self) -> None:
+        """No more frames for the sinks from this session; idempotent."""
+        if self.info is None or not self._stream_open:
+            return
+        self._stream_open = False
+        self.ctx.skew.forget(self.info.sender_id, self.info.kind)
+        self.ctx.unregister(self)
+        self.ctx.sink.stream_ended(self.info)
+        self.ctx.metrics.connections_active.labels(stream=self.info.kind.label).dec()
+
     async def _finish(self, reason: CloseReason) -> None:
         reason = self._close_reason or reason
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._send_ack()  # what is recorded by now, the sender may forget
+        self._send_ack()  # what is recorded by now, the sender may forget
+        self._end_stream()
         if self.info is not None:
-            self.ctx.skew.forget(self.info.sender_id, self.info.kind)
-            self.ctx.unregister(self)
-            self.ctx.sink.stream_ended(self.info)
-            self.ctx.metrics.connections_active.labels(stream=self.info.kind.label).dec()
+            self.ctx.finished(self)
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
@@ -284,6 +308,8 @@ class Session:
             session_id=self.session_id,
         )
         self.acks = AckWatermark(hello.first_seq)
+        self._highest_seq = hello.first_seq - 1
+        self._stream_open = True
         self.ctx.register(self)
         self.ctx.metrics.connections_active.labels(stream=hello.kind.label).inc()
         self.ctx.sink.stream_started(self.info)
@@ -323,6 +349,7 @@ class Session:
                     if self.acks.floor(event.seq):
                         self._schedule_ack()
                 elif isinstance(event, protocol.Goodbye):
+                    await self._answer_goodbye()
                     return GOODBYE_TO_CLOSE.get(int(event.reason), CloseReason.BYE)
                 elif isinstance(event, protocol.ConnectionClosed):
                     return self._close_reason or CloseReason.PEER_CLOSED
@@ -341,6 +368,7 @@ class Session:
         info = self.info
         assert info is not None
         stream = info.kind.label
+        self._highest_seq = max(self._highest_seq, media.seq)
         try:
             self._validate(info, media.data)
         except BadFrame as exc:
@@ -381,6 +409,7 @@ class Session:
         for seq in seqs:
             moved = self.acks.done(seq) or moved
         if moved:
+            self._acks_moved.set()
             self._schedule_ack()
 
     def _schedule_ack(self) -> None:
@@ -389,8 +418,11 @@ class Session:
             self._ack_timer = loop.call_later(ACK_DELAY_S, self._send_ack)
 
     def _send_ack(self) -> None:
-        self._ack_timer = None
-        if self.acks.acked > self._acks_sent and self.conn.state is protocol.State.OPEN:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        open_states = (protocol.State.OPEN, protocol.State.GOODBYE_RECEIVED)
+        if self.acks.acked > self._acks_sent and self.conn.state in open_states:
             self._acks_sent = self.acks.acked
             self._write(self.conn.send(protocol.Ack(self.acks.acked)))
             assert self.info is not None

@@ -325,7 +325,7 @@ class _Link:
         self.sent: set[int] = set()  # sent in this session and not yet acknowledged
         self.floor_sent = first_seq
         self.counters = _StreamCounters(client.metrics, client.label)
-        self.acked = asyncio.Event()  # set by each ack: the flush at shutdown waits on it
+        self.said_goodbye = False
         self.stale = client.metrics.frames_dropped.labels(stream=client.label)
         self.max_wait_us = 0  # longest capture-to-send wait of a live frame this interval
         self.started_us = monotonic_us()
@@ -360,6 +360,9 @@ class _Link:
                 raise exc
 
     async def _goodbye(self, reason: GoodbyeReason, text: str) -> None:
+        if self.said_goodbye:
+            return
+        self.said_goodbye = True
         with contextlib.suppress(Exception):
             self.writer.write(self.conn.send(protocol.Goodbye(reason, text)))
             await asyncio.wait_for(self.writer.drain(), timeout=1.0)
@@ -405,14 +408,14 @@ class _Link:
             self.backfilled += 1
 
     async def _flush(self) -> None:
-        """The source has ended: send what the spool still holds, then await its acks."""
+        """The source has ended: send what the spool still holds, then say goodbye. The
+        receiver answers with its last acks (once recorded) and its own goodbye, which
+        ends the reader; this waits at most FLUSH_WAIT_US for that."""
         while (item := self._next_backfill()) is not None:
             await self._send(*item, late=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FLUSH_WAIT_US / 1e6):
-                while len(self.client.spool):
-                    self.acked.clear()
-                    await self.acked.wait()
+        self.writer.write(self.conn.send(protocol.Goodbye(GoodbyeReason.BYE, "source ended")))
+        self.said_goodbye = True
+        await asyncio.sleep(FLUSH_WAIT_US / 1e6)
 
     async def _until_link_ready(self) -> None:
         """Holds the next write while the link has UNSENT_LIMIT waiting; capture goes on."""
@@ -431,7 +434,6 @@ class _Link:
 
     def _on_ack(self, seq: int) -> None:
         self.client.spool.ack(seq)
-        self.acked.set()
         self.client.acked_seq = max(self.client.acked_seq, seq)
         self.sent = {s for s in self.sent if s > seq}
 
@@ -445,10 +447,15 @@ class _Link:
                     self._on_heartbeat(event)
                 elif isinstance(event, protocol.Ack):
                     self._on_ack(event.seq)
-                elif isinstance(event, protocol.Goodbye):
-                    raise SessionEnded(event.reason, event.text)
-                elif isinstance(event, protocol.ConnectionClosed):
-                    raise ConnectionResetError("the receiver closed the connection")
+                elif isinstance(event, protocol.Goodbye | protocol.ConnectionClosed):
+                    self._peer_ended(event)
+
+    def _peer_ended(self, event: protocol.Goodbye | protocol.ConnectionClosed) -> None:
+        if self.said_goodbye:
+            raise SourceEnded  # the answer to our goodbye: everything is acknowledged
+        if isinstance(event, protocol.Goodbye):
+            raise SessionEnded(event.reason, event.text)
+        raise ConnectionResetError("the receiver closed the connection")
 
     def _on_heartbeat(self, hb: protocol.Heartbeat) -> None:
         now = monotonic_us()
@@ -462,6 +469,8 @@ class _Link:
         self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
+        if self.conn.state is not protocol.State.OPEN:
+            return  # after our goodbye, only the receiver's last acks are awaited
         now = monotonic_us()
         echo, held = 0, 0
         if self.last_peer_hb is not None:
@@ -490,6 +499,6 @@ class _Link:
     def _send_floor(self) -> None:
         """Tell the receiver when frames were evicted unsent, so its acks can pass them."""
         floor = self.client.spool.floor()
-        if floor > self.floor_sent:
+        if floor > self.floor_sent and self.conn.state is protocol.State.OPEN:
             self.floor_sent = floor
             self.writer.write(self.conn.send(protocol.Floor(floor)))

@@ -510,10 +510,42 @@ def test_sender_lifecycle() -> None:
     head, payload = conn.send_media(Media(0, 0, b"jpeg"))
     assert head + payload == encode(Media(0, 0, b"jpeg"))
     conn.send(Goodbye(GoodbyeReason.SHUTDOWN))
-    assert state_of(conn) is State.CLOSED
-    for late in (Goodbye(GoodbyeReason.BYE), Heartbeat(2)):
+    assert state_of(conn) is State.GOODBYE_SENT  # the receiver's last acks may follow
+    for late in (Goodbye(GoodbyeReason.BYE), Heartbeat(2), Media(1, 1, b"x")):
         with pytest.raises(LocalProtocolError):
             conn.send(late)
+    conn.receive_data(encode(Ack(1)) + encode(Goodbye(GoodbyeReason.BYE, "recorded")))
+    assert conn.next_event() == Ack(1)
+    assert conn.next_event() == Goodbye(GoodbyeReason.BYE, "recorded")
+    assert state_of(conn) is State.CLOSED
+
+
+def test_a_receiver_answers_a_goodbye_with_its_last_acks_then_its_own() -> None:
+    receiver = Connection(Role.RECEIVER)
+    receiver.receive_data(encode(Hello("cam1", StreamKind.VIDEO, VGA, TOKEN)))
+    assert isinstance(receiver.next_event(), Hello)
+    receiver.send(Welcome(1, 1000, 4096))
+    receiver.receive_data(encode(Goodbye(GoodbyeReason.BYE, "source ended")))
+    assert receiver.next_event() == Goodbye(GoodbyeReason.BYE, "source ended")
+    assert receiver.state is State.GOODBYE_RECEIVED
+    with pytest.raises(LocalProtocolError):
+        receiver.send(Heartbeat(1))
+    assert receiver.send(Ack(41)) == encode(Ack(41))
+    receiver.send(Goodbye(GoodbyeReason.BYE))
+    assert receiver.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        receiver.send(Ack(42))
+
+
+def test_a_message_after_the_peers_goodbye_is_a_protocol_error() -> None:
+    receiver = Connection(Role.RECEIVER)
+    receiver.receive_data(encode(Hello("cam1", StreamKind.VIDEO, VGA, TOKEN)))
+    receiver.next_event()
+    receiver.send(Welcome(1, 1000, 4096))
+    receiver.receive_data(encode(Goodbye(GoodbyeReason.BYE)) + encode(Heartbeat(3)))
+    assert isinstance(receiver.next_event(), Goodbye)
+    with pytest.raises(RemoteProtocolError, match="after the peer's goodbye"):
+        receiver.next_event()
 
 
 @pytest.mark.parametrize("answer", [Refused(), Goodbye(GoodbyeReason.OVERLOADED, "full")])
