@@ -164,7 +164,8 @@ def test_any_sequence_keeps_every_delay_within_bounds(
         if step in SLOW_RETRY:
             assert delay == cap
         elif step is FailureKind.NOT_LISTENING:
-            assert min(first / 2, cap) <= delay <= min(first, cap)
+            steady = min(first, cap)  # the backoff clamps its first step to the cap
+            assert steady / 2 <= delay <= steady
             continue  # a steady retry: it does not escalate
         elif fresh:
             assert delay <= min(first, cap)
@@ -306,6 +307,11 @@ def test_real_receiver_certificate_for_another_name(pki: CertPaths) -> None:
 
 def test_real_missing_client_certificate(pki: CertPaths) -> None:
     exc = fail_to_connect(receiver(pki, client_ca=pki), sender_context(ca=pki.ca_cert))
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+        # TLS 1.3: the server refuses the missing certificate after the client's handshake;
+        # whether the client reads its alert or the reset that follows is a race.
+        assert classify(exc) is FailureKind.REFUSED
+        return
     assert classify(exc) is FailureKind.TLS_VERIFY
     assert describe_failure(classify(exc), exc).startswith(
         "receiver refused our client certificate: TLSV13_ALERT_CERTIFICATE_REQUIRED"
