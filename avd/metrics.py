@@ -106,6 +106,12 @@ class SenderMetrics:
             ["stream"],
             registry=r,
         )
+        self.frames_spooled = Counter(
+            "avd_frames_spooled",
+            "Frames held back from the live stream (slow or absent link), to be backfilled",
+            ["stream"],
+            registry=r,
+        )
         self.frames_backfilled = Counter(
             "avd_frames_backfilled",
             "Spooled frames sent late, behind the live stream",
@@ -150,6 +156,7 @@ class SenderMetrics:
             for metric in (
                 self.frames_sent,
                 self.frames_dropped,
+                self.frames_spooled,
                 self.frames_backfilled,
                 self.frames_lost,
                 self.reconnects,

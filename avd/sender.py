@@ -167,6 +167,7 @@ class Sender:
             m.frames_dropped.labels(stream=label),
         )
         lost = m.frames_lost.labels(stream=label)
+        spooled = m.frames_spooled.labels(stream=label)
         m.spool_frames.labels(stream=label).set_function(lambda: len(spool))
         m.spool_bytes.labels(stream=label).set_function(lambda: spool.bytes)
         seqs = itertools.count(spool.next_seq_hint())  # above frames read back from disk
@@ -182,7 +183,9 @@ class Sender:
             seq = next(seqs)
             captured.inc()
             lost.inc(spool.add(seq, frame))
-            dropped.inc(queue.put((seq, frame)))
+            evicted = queue.put((seq, frame))
+            dropped.inc(evicted)
+            spooled.inc(evicted)  # still in the spool: sent later as a late frame
 
         self.captures.append(CaptureThread(source, deliver, queue.close))
         endpoint = Endpoint(

@@ -42,6 +42,9 @@ T = TypeVar("T")
 # A live frame older than this when its turn comes is left to the spool (sent later as a
 # late frame): the live view never shows the past as if it were now.
 MAX_LIVE_AGE_US = 1_000_000
+# Spooled frames sent but not yet acknowledged, at most: acks pace the backfill at the speed
+# the receiver records (a 30 s spool is ~1900 frames; the recorder queues 2000 for everyone).
+BACKFILL_WINDOW = 256
 # On shutdown, how long the sender waits for the receiver to acknowledge the last frames.
 FLUSH_WAIT_US = 2_500_000
 MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
@@ -326,7 +329,10 @@ class _Link:
         self.floor_sent = first_seq
         self.counters = _StreamCounters(client.metrics, client.label)
         self.said_goodbye = False
-        self.stale = client.metrics.frames_dropped.labels(stream=client.label)
+        self.stale = (
+            client.metrics.frames_dropped.labels(stream=client.label),
+            client.metrics.frames_spooled.labels(stream=client.label),
+        )
         self.max_wait_us = 0  # longest capture-to-send wait of a live frame this interval
         self.started_us = monotonic_us()
         self.dropped_seen = client.queue.dropped
@@ -373,8 +379,10 @@ class _Link:
         while True:
             late = False
             item = client.queue.get_nowait()
-            # Backfill only into an idle link: it must never queue ahead of live frames.
-            idle = unsent_bytes(self.writer) == 0
+            # Backfill only into an idle link, and with few frames awaiting their acks: it must
+            # never queue ahead of live frames, nor outrun the receiver's recorder (whose
+            # queue would give the excess up).
+            idle = unsent_bytes(self.writer) == 0 and len(self.sent) < BACKFILL_WINDOW
             if item is None and idle and (item := self._next_backfill()) is not None:
                 late = True
             if item is None and not idle:
@@ -387,7 +395,8 @@ class _Link:
                     raise SourceEnded
             seq, frame = item
             if not late and monotonic_us() - frame.capture_us > MAX_LIVE_AGE_US:
-                self.stale.inc()
+                for counter in self.stale:  # left to the spool: sent later as a late frame
+                    counter.inc()
                 continue
             await self._send(seq, frame, late=late)
 
