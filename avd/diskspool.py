@@ -58,7 +58,6 @@ RECORD = struct.Struct(">QQII")  # seq, capture µs, length, crc32
 SEALED = struct.Struct(">QQI")  # the header fields the crc covers
 ACKED = struct.Struct(">QI")  # seq, crc32
 SUFFIX = ".spool"
-MAX_PAYLOAD = 1 << 30  # no frame comes near: a longer length is corruption
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 MIB = 1024 * 1024
 
@@ -72,8 +71,8 @@ def current_boot_id() -> str | None:
 
 
 def segment_size(max_bytes: int) -> int:
-    """At most ~32 files under the cap (open descriptors), each 256 KiB to 16 MiB."""
-    return min(max(max_bytes // 32, 256 * 1024), 16 * MIB)
+    """About 64 files under the cap at most: each holds a descriptor open for reads."""
+    return max(max_bytes // 64, 256 * 1024)
 
 
 def record_crc(seq: int, capture_us: int, payload: bytes) -> int:
@@ -180,7 +179,9 @@ class DiskSpool:
             or frame.capture_us - seg.first_capture_us >= self.segment_us
         ):
             self._seal()
-        while self.file_bytes + size + (0 if self._writing else len(MAGIC)) > self.max_bytes:
+        while self._segments and (
+            self.file_bytes + size + (0 if self._writing else len(MAGIC)) > self.max_bytes
+        ):
             self._evict_oldest_segment()
         try:
             self._write(seq, frame)
@@ -196,10 +197,9 @@ class DiskSpool:
                 frame = self._read(i)
             except (OSError, CorruptRecord) as exc:
                 if (quiet := self._throttled("read")) is not None:
-                    seq = self._index.seq[i]
                     log.error(
                         "%s: spooled frame %d unreadable (%s): lost%s",
-                        self.directory, seq, exc, suppressed_note(quiet),
+                        self.directory, self._index.seq[i], exc, suppressed_note(quiet),
                     )  # fmt: skip
                 self._forget(i)
                 self.lost += 1
@@ -376,7 +376,7 @@ class DiskSpool:
                 return
             seg = _Segment(path, fd, len(MAGIC), 0)
             self._segments.append(seg)
-            problem = self._scan(file, seg, acked)
+            problem = self._scan(file, seg, acked, os.fstat(fd).st_size)
         if problem:
             log.warning("%s: %s at byte %d; the file is cut there", path, problem, seg.size)
             os.ftruncate(fd, seg.size)
@@ -384,15 +384,15 @@ class DiskSpool:
         if seg.live == 0:
             self._delete(seg)
 
-    def _scan(self, file: BinaryIO, seg: _Segment, acked: int) -> str | None:
+    def _scan(self, file: BinaryIO, seg: _Segment, acked: int, file_size: int) -> str | None:
         """Index ``file``'s records; what is wrong with the first bad one, if any."""
         while head := file.read(RECORD.size):
             if len(head) < RECORD.size:
                 return "torn record header"
             seq, capture_us, length, crc = RECORD.unpack(head)
-            payload = file.read(length) if length <= MAX_PAYLOAD else b""
-            if len(payload) != length:
+            if seg.size + RECORD.size + length > file_size:  # never read a corrupt length
                 return "torn record"
+            payload = file.read(length)
             if crc != record_crc(seq, capture_us, payload):
                 return "crc mismatch"
             if seq <= self.newest_seq:

@@ -2,7 +2,9 @@
 
 Crashes are real: a child process writes and leaves with ``os._exit`` (nothing closed,
 nothing fsync'd), torn and corrupt records are made by cutting and changing the files, and
-a write failure comes from RLIMIT_FSIZE (the kernel's short write, then EFBIG).
+a write failure comes from RLIMIT_FSIZE (the kernel's short write, then EFBIG). Last, real
+daemons: a receiver away longer than the sender's memory cap holds, then everything
+backfilled from disk.
 """
 
 from __future__ import annotations
@@ -17,8 +19,20 @@ from pathlib import Path
 
 import pytest
 
+from avd.certs import CertPaths
 from avd.diskspool import MAGIC, RECORD, SUFFIX, DiskSpool, open_disk_spool
 from avd.media.base import CapturedFrame
+
+from .conftest import (
+    Credentials,
+    Daemon,
+    metric,
+    receiver_env,
+    scrape,
+    sender_env,
+    start_receiver,
+    wait_until,
+)
 
 BASE_US = 1_000_000_000
 FRAME_US = 50_000
@@ -266,6 +280,15 @@ def test_a_torn_header_and_a_segment_torn_at_creation_are_ignored(tmp_path: Path
     assert [int(p.stem) for p in segments(tmp_path)] == [0]
 
 
+def test_a_length_beyond_the_file_is_taken_for_a_torn_record_not_read(tmp_path: Path) -> None:
+    crash_after_writing(tmp_path, count=3, acked=-1)
+    [path] = segments(tmp_path)
+    with path.open("ab") as file:
+        file.write(RECORD.pack(3, 0, 0xFFFF_FFFF, 0) + b"x" * 100)  # 4 GiB claimed
+    assert [seq for seq, _ in read_all(disk_at(tmp_path))] == [0, 1, 2]
+    assert path.stat().st_size == len(MAGIC) + 3 * (RECORD.size + 96)
+
+
 def test_a_corrupt_record_ends_what_is_read_of_its_file(tmp_path: Path) -> None:
     crash_after_writing(tmp_path, count=10, acked=-1)
     first, _second = segments(tmp_path)  # seq 0-7, 8-9
@@ -373,3 +396,57 @@ def test_a_backfill_read_is_one_pread_of_tens_of_microseconds(tmp_path: Path) ->
     per_read_us = (time.perf_counter() - started) / count * 1e6
     print(f"disk spool read of a 40 kB frame: {per_read_us:.1f} µs")
     assert per_read_us < 5_000
+
+
+# ---- end to end: real daemons, the receiver away longer than the memory cap holds ---------
+
+
+def _sender_sample(url: str, name: str, stream: str = "video") -> float:
+    return metric(scrape(url), name, stream=stream)
+
+
+@pytest.mark.slow
+def test_an_outage_beyond_the_memory_cap_is_backfilled_from_disk(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    receiver = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver-1.log")
+    daemons.append(receiver.daemon)
+    spool_dir = tmp_path / "spool"
+    env = sender_env(
+        pki, receiver, "cam1", creds.tokens["cam1"],
+        AVD_SPOOL_DIR=str(spool_dir), AVD_SPOOL_MAX_MB="1",
+    )  # fmt: skip
+    sender = Daemon("sender", env, tmp_path / "sender.log")
+    daemons.append(sender)
+    url = sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+    wait_until(lambda: metric(receiver.metrics(), "avd_frames_received_total", stream="video") > 20)
+
+    assert receiver.daemon.stop() == 0
+    captured_before = _sender_sample(url, "avd_frames_captured_total")
+    time.sleep(8)  # ~4 MB of video at ~24 kB a frame: three quarters of it must go to disk
+    held = _sender_sample(url, "avd_spool_bytes")
+    assert held > 2 * 1024 * 1024, held  # beyond the 1 MiB memory cap, so on disk
+    assert list((spool_dir / "video").glob("*.spool"))
+
+    back = start_receiver(
+        receiver_env(
+            pki, creds.tokens_file,
+            AVD_VIDEO_PORT=str(receiver.video_port), AVD_AUDIO_PORT=str(receiver.audio_port),
+        ),
+        tmp_path / "receiver-2.log",
+    )  # fmt: skip
+    daemons.append(back.daemon)
+    captured_during = _sender_sample(url, "avd_frames_captured_total") - captured_before
+    wait_until(lambda: _sender_sample(url, "avd_spool_frames") < 20, timeout=30)
+    wait_until(lambda: not list((spool_dir / "video").glob("*.spool")), timeout=10)
+
+    backfilled = _sender_sample(url, "avd_frames_backfilled_total")
+    late = metric(back.metrics(), "avd_frames_late_total", stream="video")
+    print(f"outage: {captured_during:.0f} video frames captured, {backfilled:.0f} backfilled")
+    for stream in ("video", "audio"):
+        assert _sender_sample(url, "avd_frames_lost_total", stream) == 0
+    # Backfilled: the outage's frames, plus those sent but unacknowledged when the receiver
+    # went, minus the few still fresh enough to go live at the reconnection.
+    assert 0.9 * captured_during - 10 <= backfilled <= captured_during + 30
+    assert late >= backfilled - 5  # each backfilled frame arrived marked late
+    assert sender.stop() == 0

@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from avd.certs import CertPaths
 from avd.diskspool import DiskSpool
 from avd.media.base import CapturedFrame
 from avd.spool import Spool
+
+from .conftest import (
+    Credentials,
+    Daemon,
+    metric,
+    receiver_env,
+    scrape,
+    sender_env,
+    start_receiver,
+    wait_until,
+)
 
 
 def frame(ms: int, size: int = 10) -> CapturedFrame:
@@ -258,3 +272,59 @@ def test_with_a_disk_every_frame_is_held_acked_or_lost_across_a_restart(
         assert len(held) == len(spool)
         assert len(held) + acked + lost_before + spool.lost == len(ops)
         spool.close()
+
+
+# ---- end to end: a sender killed during an outage sends its disk spool after a restart ----
+
+
+@pytest.mark.slow
+def test_a_sender_killed_during_an_outage_sends_what_its_disk_held_after_restarting(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    receiver = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver-1.log")
+    daemons.append(receiver.daemon)
+    env = sender_env(
+        pki, receiver, "cam1", creds.tokens["cam1"],
+        AVD_SPOOL_DIR=str(tmp_path / "spool"), AVD_SPOOL_MAX_MB="1", AVD_AUDIO_SOURCE="none",
+    )  # fmt: skip
+    first = Daemon("sender", env, tmp_path / "sender-1.log")
+    daemons.append(first)
+    wait_until(lambda: metric(receiver.metrics(), "avd_frames_received_total", stream="video") > 20)
+    assert receiver.daemon.stop() == 0
+    time.sleep(4)  # ~2 MB of video: half of it beyond the memory cap, on disk
+    first.kill()  # what was in memory is gone; what was on disk is not
+
+    second = Daemon("sender", env, tmp_path / "sender-2.log")
+    daemons.append(second)
+    found = second.wait_for_log(r"(\d+) spooled frames \(.*seq (\d+)-(\d+)\) read back")
+    recovered, newest = int(found.group(1)), int(found.group(3))
+    url = second.wait_for_log(r"metrics=(http://\S+)").group(1)
+    assert recovered > 20
+    # The receiver is still away: the new sender's frames overflow to disk too, numbered
+    # above the recovered ones, as the first new segment's name (its first seq) shows.
+    spooled = tmp_path / "spool" / "video"
+
+    def first_seqs() -> set[int]:
+        return {int(path.stem) for path in spooled.glob("*.spool")}
+
+    old = first_seqs()
+    wait_until(lambda: first_seqs() - old, timeout=15)
+    assert min(first_seqs() - old) > newest
+
+    back = start_receiver(
+        receiver_env(
+            pki, creds.tokens_file,
+            AVD_VIDEO_PORT=str(receiver.video_port), AVD_AUDIO_PORT=str(receiver.audio_port),
+        ),
+        tmp_path / "receiver-2.log",
+    )  # fmt: skip
+    daemons.append(back.daemon)
+
+    def sender_metric(name: str) -> float:
+        return metric(scrape(url), name, stream="video")
+
+    wait_until(lambda: sender_metric("avd_frames_backfilled_total") >= recovered, timeout=20)
+    wait_until(lambda: not list(spooled.glob("*.spool")), timeout=15)
+    assert sender_metric("avd_frames_lost_total") == 0
+    assert metric(back.metrics(), "avd_frames_late_total", stream="video") >= recovered
+    assert second.stop() == 0
