@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
     """A CA, a receiver certificate for localhost/127.0.0.1/::1 and a sender certificate."""
-    return init_certs(tmp_path_factory.mktemp("pki"), ["localhost", "127.0.0.1", "::1"], days=30)
+    return init_certs(tmp_path_factory.mktemp("pki"), ["localhost", "127.0.0.1", "::1"], days=365)
 
 
 @pytest.fixture(scope="session")
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
     """A second, unrelated CA: nothing it signs may be trusted."""
-    return init_certs(tmp_path_factory.mktemp("other-pki"), ["localhost", "127.0.0.1"], days=30)
+    return init_certs(tmp_path_factory.mktemp("other-pki"), ["localhost", "127.0.0.1"], days=365)
 
 
 @dataclass

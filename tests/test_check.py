@@ -1,0 +1,115 @@
+"""``avd check``: each problem one line with its remedy; exit 0 only when all is well."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avd.certs import CertPaths
+
+from .conftest import (
+    Credentials,
+    Daemon,
+    ReceiverHandle,
+    metric,
+    receiver_env,
+    sender_env,
+    start_receiver,
+    wait_until,
+)
+
+
+def run_check(role: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AVD_")} | env
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from avd.cli import main; sys.exit(main(['check', '{role}']))",
+        ],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def receiver(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> ReceiverHandle:
+    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
+    daemons.append(handle.daemon)
+    return handle
+
+
+def test_a_sound_receiver_configuration_passes(
+    pki: CertPaths, creds: Credentials, tmp_path: Path
+) -> None:
+    env = receiver_env(
+        pki, creds.tokens_file, AVD_RECORD_DIR=str(tmp_path / "rec"), AVD_MIN_FREE_GB="0"
+    )
+    result = run_check("receiver", env)
+    assert result.returncode == 0, result.stdout
+    assert "2 sender(s): cam1, cam2" in result.stdout
+    assert result.stdout.strip().endswith("all is well")
+
+
+def test_a_readable_key_is_a_warning_with_its_remedy(
+    pki: CertPaths, creds: Credentials, tmp_path: Path
+) -> None:
+    key = tmp_path / "receiver.key"
+    key.write_bytes(pki.receiver_key.read_bytes())
+    key.chmod(0o644)
+    result = run_check("receiver", receiver_env(pki, creds.tokens_file, AVD_TLS_KEY=str(key)))
+    assert result.returncode == 2, result.stdout
+    assert f"chmod 600 {key}" in result.stdout
+
+
+def test_a_bad_setting_is_an_error_naming_it(pki: CertPaths, creds: Credentials) -> None:
+    result = run_check("receiver", receiver_env(pki, creds.tokens_file, AVD_VIDEO_PORT="x"))
+    assert result.returncode == 1
+    assert "AVD_VIDEO_PORT" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_sender_authenticates_without_disturbing_the_running_one(
+    pki: CertPaths,
+    creds: Credentials,
+    tmp_path: Path,
+    receiver: ReceiverHandle,
+    daemons: list[Daemon],
+) -> None:
+    env = sender_env(pki, receiver, "cam1", creds.tokens["cam1"], AVD_AUDIO_SOURCE="none")
+    daemons.append(Daemon("sender", env, tmp_path / "sender.log"))
+    wait_until(lambda: metric(receiver.metrics(), "avd_frames_received_total") > 5)
+    result = run_check("sender", env)
+    assert result.returncode == 0, result.stdout
+    assert "TLSv1.3" in result.stdout
+    assert "accepted sender 'cam1'" in result.stdout
+    time.sleep(0.5)
+    log = receiver.daemon.log_text()
+    assert "passed an authentication probe" in log
+    assert "replacing" not in log  # the live session was left alone
+    assert metric(receiver.metrics(), "avd_connections_active", stream="video") == 1
+    assert creds.tokens["cam1"] not in result.stdout + log
+
+
+def test_a_wrong_token_and_an_absent_receiver_are_errors_with_remedies(
+    pki: CertPaths, creds: Credentials, receiver: ReceiverHandle
+) -> None:
+    wrong = run_check("sender", sender_env(pki, receiver, "cam1", "z" * 43))
+    assert wrong.returncode == 1
+    assert "refused sender 'cam1'" in wrong.stdout
+    assert "tokens file" in wrong.stdout
+    down = sender_env(pki, receiver, "cam1", creds.tokens["cam1"], AVD_VIDEO_PORT="1")
+    absent = run_check("sender", down)
+    assert absent.returncode == 1
+    assert "cannot reach the receiver" in absent.stdout
+    assert "is avd-receiver running" in absent.stdout
