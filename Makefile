@@ -38,3 +38,7 @@ bench: bootstrap
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+.PHONY: soak
+soak: bootstrap
+	$(PY) -m tests.soak

@@ -54,6 +54,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 STREAMS = ("video", "audio")
 FAULTS = ("reset", "stall", "delay", "throttle", "refuse")
 SAMPLE_EVERY_S = 5.0
+# Memory growth is judged after this long: the receiver's duplicate index holds the last 120 s
+# of frames (RecordedIndex), so its memory rises for two minutes before any leak can show.
+WARMUP_S = 120.0
+RESTART_SETTLE_S = 10.0  # a restarted receiver loads that index from its segments at once
 SPOOL_SECONDS = 30.0  # the senders' default AVD_SPOOL_SECONDS: a longer outage may lose frames
 THROTTLE_BYTES_PER_S = 100_000  # well under a 640x480 q70 stream at 20 fps
 SENDER_COUNTERS = {
@@ -215,6 +219,7 @@ class Soak:
     # ---- sampling ----------------------------------------------------------------------
 
     def sample(self, now: float) -> None:
+        """Memory and descriptors of every daemon, then their counters."""
         t = now - self.t0
         assert self.receiver is not None
         if self.receiver.daemon.proc.poll() is not None:
@@ -222,9 +227,14 @@ class Soak:
             self.findings.append(f"receiver exited by itself ({code}) at {t:.0f} s")
             self.restart_receiver(now)
         self._watch("receiver", self.receiver.daemon, t, self.incarnation)
+        for peer in self.peers:
+            self._watch(peer.sender_id, peer.daemon, t, 1)
+        self.scrape_all()
+
+    def scrape_all(self) -> None:
         self._scrape_receiver()
         for peer in self.peers:
-            if self._watch(peer.sender_id, peer.daemon, t, 1):
+            if peer.daemon.proc.poll() is None:
                 with contextlib.suppress(OSError, urllib.error.URLError):
                     peer.last = scrape(peer.metrics_url)
 
@@ -287,7 +297,7 @@ class Soak:
         or given up), so once ``captured - spooled`` reaches the cut-off, all below it are.
         """
         time.sleep(3)  # the reconnections after the last heal
-        self.sample(time.monotonic())
+        self.scrape_all()
         cutoffs = {
             (p.sender_id, s): int(metric(p.last, "avd_frames_captured_total", stream=s))
             for p in self.peers
@@ -295,16 +305,19 @@ class Soak:
         }
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            self.sample(time.monotonic())
+            self.scrape_all()
             if all(self._finished_below(p, s, cutoffs[(p.sender_id, s)]) for p, s in _pairs(self)):
                 break
             time.sleep(1)
         else:
             self.findings.append(f"spools not drained within {timeout:.0f} s")
+        self.sample(time.monotonic())  # one more point: memory at the end
         return cutoffs, time.monotonic() - started
 
     @staticmethod
     def _finished_below(peer: Peer, stream: str, cutoff: int) -> bool:
+        if peer.daemon.proc.poll() is not None:
+            return True  # a dead sender finishes nothing more (and is a finding already)
         captured = metric(peer.last, "avd_frames_captured_total", stream=stream)
         return captured - metric(peer.last, "avd_spool_frames", stream=stream) >= cutoff
 
@@ -423,7 +436,7 @@ def _process_figures(
     soak: Soak, alive: dict[str, bool], exit_codes: dict[str, int | None]
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    warmup = min(60.0, soak.opts.minutes * 60 / 4)
+    warmup = min(WARMUP_S, soak.opts.minutes * 60 / 2)
     for name, points in soak.series.items():
         rss = [p.rss_kb for p in points]
         fds = [p.fds for p in points]
@@ -466,14 +479,15 @@ def recorded_seqs(record_dir: Path) -> tuple[dict[tuple[str, str], list[int]], l
 
 def growth_mb_per_min(points: Sequence[tuple[float, int, int]], warmup_s: float) -> float | None:
     """RSS growth in MiB/min: the least-squares slope of (t s, RSS KiB) within each incarnation
-    (a restart starts afresh), pooled; samples in an incarnation's first ``warmup_s`` are left
-    out (imports, first segments, spools filling for the first time). None if too few."""
+    (a restart starts afresh), pooled. Left out: samples before ``warmup_s`` into the run and
+    an incarnation's first ``RESTART_SETTLE_S`` (imports, first segments). None if too few."""
     groups: dict[int, list[tuple[float, int]]] = defaultdict(list)
     for t, incarnation, rss in points:
         groups[incarnation].append((t, rss))
     covariance = variance = 0.0
     for group in groups.values():
-        kept = [(t, rss) for t, rss in group if t >= group[0][0] + warmup_s]
+        since = max(warmup_s, group[0][0] + RESTART_SETTLE_S)
+        kept = [(t, rss) for t, rss in group if t >= since]
         if len(kept) < 3:
             continue
         mean_t = sum(t for t, _ in kept) / len(kept)
