@@ -17,8 +17,9 @@ frames counted lost (the spool always keeps the newest). An in-memory index (fou
 40 bytes a record) maps seq to segment, offset and length: a backfill read is one pread.
 
 No fsync per frame (each can take tens of ms on an SD card): a segment is fsync'd once,
-when full, by the capture thread outside the spool's lock. A crashed sender loses nothing
-the kernel holds; a power cut may tear the newest segment's tail, which the crc finds.
+when closed (full or old), by the capture thread outside the spool's lock. A crashed sender
+loses nothing the kernel holds; a power cut may tear the newest segment's tail, which the
+crc finds.
 
 On start the segments are read back, every record checked (crc, length, seq increasing);
 reading a file stops at its first bad record and the file is cut there. Records at or below
