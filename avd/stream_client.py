@@ -45,6 +45,8 @@ MAX_LIVE_AGE_US = 1_000_000
 # Spooled frames sent but not yet acknowledged, at most: acks pace the backfill at the speed
 # the receiver records (a 30 s spool is ~1900 frames; the recorder queues 2000 for everyone).
 BACKFILL_WINDOW = 256
+# On shutdown, how long the sender goes on backfilling before it says goodbye.
+FLUSH_BACKFILL_US = 1_000_000
 # On shutdown, how long the sender waits for the receiver to acknowledge the last frames.
 FLUSH_WAIT_US = 2_500_000
 MISSED_HEARTBEATS = 3  # a receiver silent for this many intervals is gone
@@ -420,8 +422,10 @@ class _Link:
         """The source has ended: send what the spool still holds, then say goodbye. The
         receiver answers with its last acks (once recorded) and its own goodbye, which
         ends the reader; this waits at most FLUSH_WAIT_US for that."""
-        while (item := self._next_backfill()) is not None:
+        deadline = monotonic_us() + FLUSH_BACKFILL_US
+        while monotonic_us() < deadline and (item := self._next_backfill()) is not None:
             await self._send(*item, late=True)
+        # What did not fit stays in the spool: on disk (AVD_SPOOL_DIR) it is sent next time.
         self.writer.write(self.conn.send(protocol.Goodbye(GoodbyeReason.BYE, "source ended")))
         self.said_goodbye = True
         await asyncio.sleep(FLUSH_WAIT_US / 1e6)
