@@ -527,12 +527,12 @@ def test_a_receiver_answers_a_goodbye_with_its_last_acks_then_its_own() -> None:
     receiver.send(Welcome(1, 1000, 4096))
     receiver.receive_data(encode(Goodbye(GoodbyeReason.BYE, "source ended")))
     assert receiver.next_event() == Goodbye(GoodbyeReason.BYE, "source ended")
-    assert receiver.state is State.GOODBYE_RECEIVED
+    assert state_of(receiver) is State.GOODBYE_RECEIVED
     with pytest.raises(LocalProtocolError):
         receiver.send(Heartbeat(1))
     assert receiver.send(Ack(41)) == encode(Ack(41))
     receiver.send(Goodbye(GoodbyeReason.BYE))
-    assert receiver.state is State.CLOSED
+    assert state_of(receiver) is State.CLOSED
     with pytest.raises(LocalProtocolError):
         receiver.send(Ack(42))
 
