@@ -45,7 +45,7 @@ from avd import procstat
 from avd.certs import CertPaths, init_certs
 from avd.clock import monotonic_us
 from avd.demo import Samples, histogram_quantile, latency_buckets, scrape, total
-from avd.loadgen import LoadConfig, camera_like_frames, camera_like_images
+from avd.loadgen import LoadConfig, camera_like_frames
 from avd.media.base import (
     AudioFormat,
     CapturedFrame,
@@ -54,7 +54,7 @@ from avd.media.base import (
     StreamKind,
     VideoFormat,
 )
-from avd.media.video import encode_jpeg
+from avd.media.video import camera_like_images, encode_jpeg
 from avd.queues import DropOldestQueue
 from avd.spool import Spool
 from avd.tokens import hash_token, new_token

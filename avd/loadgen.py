@@ -28,7 +28,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from avd import protocol
 from avd.clock import monotonic_us
@@ -37,29 +36,15 @@ from avd.media.base import StreamKind, VideoFormat
 from avd.protocol import GoodbyeReason, Role
 from avd.tls import sender_context
 
-if TYPE_CHECKING:
-    from avd.media.video import Image
-
 MAX_BUFFERED_FRAMES = 4  # the real sender's video queue (AVD_VIDEO_QUEUE_FRAMES) holds 4
 CONNECT_CONCURRENCY = 16  # handshakes in flight at once: a camera fleet does not start in 1 ms
 HANDSHAKE_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 15.0  # at the end, for a backed-up receiver to take what was written
 
 
-def camera_like_images(fmt: VideoFormat, count: int = 16) -> list[Image]:
-    """``count`` different pictures of the sender's test pattern (its ``_Scene``), uncompressed.
-
-    Seven frames apart, so that the moving shapes and the noise differ from one to the next.
-    """
-    from avd.media.video import _Scene  # noqa: PLC0415 - cv2 loads slowly
-
-    scene = _Scene(fmt.width, fmt.height, fmt.fps)
-    return [scene.render(7 * n).copy() for n in range(count)]  # render() reuses one buffer
-
-
 def camera_like_frames(fmt: VideoFormat, count: int = 16) -> list[bytes]:
     """``count`` different JPEGs of the sender's test pattern, as its camera would send them."""
-    from avd.media.video import encode_jpeg  # noqa: PLC0415
+    from avd.media.video import camera_like_images, encode_jpeg  # noqa: PLC0415 - loads cv2
 
     return [encode_jpeg(image, fmt.quality) for image in camera_like_images(fmt, count)]
 

@@ -105,6 +105,18 @@ class TestPatternSource:
         self._stop.set()
 
 
+def camera_like_images(fmt: VideoFormat, count: int) -> list[Image]:
+    """``count`` different pictures of the test pattern at ``fmt``'s size, uncompressed.
+
+    For code that needs camera-like frames without a paced source (the bench's JPEG timings,
+    the load generator's pre-encoded frames): the same scene ``TestPatternSource`` sends, so
+    the JPEG sizes and codec times are those of a real stream. Seven frames apart, so that
+    the moving shapes and the noise differ from one picture to the next.
+    """
+    scene = _Scene(fmt.width, fmt.height, fmt.fps)  # drawn once: the background is costly
+    return [scene.render(7 * n).copy() for n in range(count)]  # render() reuses one buffer
+
+
 class _Scene:
     """The precomputed parts of the test pattern, and the drawing of one frame."""
 
