@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from avd import bench
+from avd.bench.codec import bandwidth_rows, measure_codec
+from avd.bench.daemons import Child
+from avd.bench.phases import CpuFigures
+from avd.bench.plan import FULL, MIB
+from avd.bench.probe import ProbeSink, _percentile, analyse_probe
+from avd.bench.report import KEYS, ROWS, Outcome, _targets, as_json, render
+from avd.bench.scale import Step, _wait_recorded, recorded_frames
 from avd.loadgen import camera_like_frames
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
 from avd.media.segment import SegmentWriter
@@ -40,7 +46,7 @@ def test_quick_run_prints_the_table_then_exactly_the_keys_as_json() -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
-    assert list(figures) == list(bench.KEYS)
+    assert list(figures) == list(KEYS)
     for key, value in figures.items():
         assert isinstance(value, int | float), key
         assert math.isfinite(value), key
@@ -52,14 +58,14 @@ def test_quick_run_prints_the_table_then_exactly_the_keys_as_json() -> None:
     # The exact figures can only be slower than the floor: capture to decoded holds both.
     assert figures["latency_p99_ms"] >= figures["latency_p50_ms"] >= 0.5 * figures["floor_ms"]
     table = "\n".join(lines[:-1])
-    for _, label, _ in bench.ROWS:
+    for _, label, _ in ROWS:
         assert label in table
     assert "What was measured" in table
     assert "video 1280x720 30 fps q80" in table
 
 
 def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None:
-    codec = bench.measure_codec(10)
+    codec = measure_codec(10)
     assert codec.encode_fps > 0
     assert codec.decode_fps > 0
     assert codec.floor_ms == pytest.approx(1000 / codec.encode_fps + 1000 / codec.decode_fps)
@@ -67,7 +73,7 @@ def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None
 
 
 def test_bandwidth_grows_with_the_setting_and_audio_is_exact() -> None:
-    rows = bench.bandwidth_rows()
+    rows = bandwidth_rows()
     video = [payload for name, payload, _ in rows if name.startswith("video")]
     assert video == sorted(video)
     assert len(video) == 3
@@ -78,7 +84,7 @@ def test_bandwidth_grows_with_the_setting_and_audio_is_exact() -> None:
 
 
 def test_probe_sink_decodes_each_jpeg_and_notes_the_times() -> None:
-    sink = bench.ProbeSink()
+    sink = ProbeSink()
     info = StreamInfo("cam", StreamKind.VIDEO, SMALL, "127.0.0.1:1", 1)
     jpeg = camera_like_frames(SMALL, 1)[0]
     sink.frame(info, ReceivedFrame(0, 100, 200, 100, jpeg))
@@ -99,7 +105,7 @@ def test_probe_analysis_picks_the_windows_and_exact_percentiles() -> None:
         "video": {"bench-cam": cam, "bench-tput": fast},
         "audio": {"bench-cam": [[c, c + 2000] for c in range(0, 10**6, 23_220)]},
     }
-    result = bench.analyse_probe(rows, (0, 10**6), (0, 10**6))
+    result = analyse_probe(rows, (0, 10**6), (0, 10**6))
     assert result["frames"] == 100
     assert result["latency_p50_ms"] == pytest.approx(3.4)  # 3 ms + the 5th of 10 steps
     assert result["latency_p99_ms"] == pytest.approx(3.9)
@@ -109,18 +115,18 @@ def test_probe_analysis_picks_the_windows_and_exact_percentiles() -> None:
     assert result["throughput_fps"] == pytest.approx(2000)
     assert result["undecodable"] == 0
     with pytest.raises(RuntimeError, match="no frames"):
-        bench.analyse_probe(rows, (2 * 10**6, 3 * 10**6), (0, 10**6))
+        analyse_probe(rows, (2 * 10**6, 3 * 10**6), (0, 10**6))
 
 
 def test_percentile_is_the_nearest_rank() -> None:
     values = list(range(1, 101))
-    assert bench._percentile(values, 0.5) == 50
-    assert bench._percentile(values, 0.99) == 99
-    assert bench._percentile([7.0], 0.99) == 7.0
+    assert _percentile(values, 0.5) == 50
+    assert _percentile(values, 0.99) == 99
+    assert _percentile([7.0], 0.99) == 7.0
 
 
 def _figures(**overrides: float) -> dict[str, float]:
-    figures = dict.fromkeys(bench.KEYS, 1.0) | {"encode_fps": 1000.0, "decode_fps": 800.0}
+    figures = dict.fromkeys(KEYS, 1.0) | {"encode_fps": 1000.0, "decode_fps": 800.0}
     figures["floor_ms"] = 1.0 + 1.25
     return figures | overrides
 
@@ -129,11 +135,11 @@ def test_targets_are_ratios_of_the_same_run_where_the_spec_says_so() -> None:
     figures = _figures(
         latency_p99_ms=4.5, throughput_fps=720, max_senders=200, receiver_idle_cpu_pct=0.4
     )
-    good = bench._targets(figures, False)
+    good = _targets(figures, False)
     assert all(met for _, met in good.values())
     assert "4.50 ms" in good["latency_p99_ms"][0]  # 2 x the 2.25 ms floor
     assert "720" in good["throughput_fps"][0]  # 90 % of the slower (decode, 800 fps)
-    bad = bench._targets(
+    bad = _targets(
         _figures(
             latency_p99_ms=4.6,
             throughput_fps=719,
@@ -150,9 +156,9 @@ def test_targets_are_ratios_of_the_same_run_where_the_spec_says_so() -> None:
 
 
 def test_json_has_exactly_the_keys_in_order_with_an_integer_sender_count() -> None:
-    text = bench.as_json(_figures(max_senders=300.0) | {"extra": 5.0})
+    text = as_json(_figures(max_senders=300.0) | {"extra": 5.0})
     figures = json.loads(text)
-    assert list(figures) == list(bench.KEYS)
+    assert list(figures) == list(KEYS)
     assert figures["max_senders"] == 300
     assert isinstance(figures["max_senders"], int)
 
@@ -165,12 +171,12 @@ def test_recorded_frames_are_counted_packet_by_packet(tmp_path: Path) -> None:
         for frame, n in zip(camera_like_frames(SMALL, count), range(count), strict=True):
             writer.write_video(n * 50_000, frame)
         writer.close()
-    assert bench.recorded_frames(tmp_path) == 10
-    assert bench._wait_recorded(tmp_path, before=3, expected=7) == 7
+    assert recorded_frames(tmp_path) == 10
+    assert _wait_recorded(tmp_path, before=3, expected=7) == 7
 
 
 def test_a_child_that_exits_without_the_line_is_reported_with_its_output() -> None:
-    child = bench.Child("talker", [sys.executable, "-c", "print('hello'); print('bye')"], {})
+    child = Child("talker", [sys.executable, "-c", "print('hello'); print('bye')"], {})
     when, match = child.wait_for(r"hel+o", timeout=10)
     assert match.group(0) == "hello"
     assert when > 0
@@ -183,17 +189,17 @@ def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     probe = dict.fromkeys(
         ("frames", "transport_p50_ms", "decode_p50_ms", "imdecode_p50_ms", "chunks"), 1.0
     ) | {"sender_side_cpu_pct": 50.0, "receiver_side_cpu_pct": 60.0}
-    steps = [bench.Step(25, received_fps=500, p99_ms=3.0, rss_bytes=90 * bench.MIB)]
-    steps.append(bench.Step(100, ["p99 latency at or over 50 ms (80.0 ms)"], 1990, 80.0))
-    outcome = bench.Outcome(
+    steps = [Step(25, received_fps=500, p99_ms=3.0, rss_bytes=90 * MIB)]
+    steps.append(Step(100, ["p99 latency at or over 50 ms (80.0 ms)"], 1990, 80.0))
+    outcome = Outcome(
         figures=_figures(latency_p99_ms=9.0, max_senders=25, receiver_idle_cpu_pct=0.1),
         probe=probe,
-        cpu=bench.CpuFigures(4.0, 2.0, None, 3.5),
+        cpu=CpuFigures(4.0, 2.0, None, 3.5),
         reconnects=[0.25, 0.5],
         steps=steps,
         bandwidth=[("video 640x480 20 fps q70", 3900.0, 3904.0)],
     )
-    lines = bench.render(outcome, bench.FULL, 90).splitlines()
+    lines = render(outcome, FULL, 90).splitlines()
     p99 = next(line for line in lines if line.startswith("latency p99"))
     assert p99.split()[-1] == "NO"
     assert "9.00 ms" in p99

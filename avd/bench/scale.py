@@ -1,0 +1,188 @@
+"""Scale: ``avd.loadgen`` processes against the receiver daemon, in steps of more senders.
+
+Each step starts enough generator processes for N pre-encoded 20 fps senders, measures the
+daemon's CPU, memory and received rate, then checks that every frame sent was counted, none
+rejected and none missing from the recordings (counted packet by packet with PyAV). The ramp
+stops at the first step that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avd import procstat
+from avd.bench.daemons import Child, Receiving, Workspace, child_env
+from avd.bench.plan import VGA, Plan, format_ms, progress
+from avd.demo import Samples, histogram_quantile, latency_buckets, scrape, total
+from avd.loadgen import LoadConfig
+
+SENDERS_PER_LOADGEN = 250  # one generator process stays near a third of a core at 250 x 20 fps
+
+
+@dataclass
+class Step:
+    senders: int
+    problems: list[str] = field(default_factory=list)
+    received_fps: float = 0.0
+    p99_ms: float | None = None
+    receiver_cpu_pct: float = 0.0
+    rss_bytes: int = 0
+    loadgen_cpu_pct: float = 0.0  # all generator processes together
+    loadgen_lag_ms: float = 0.0  # the worst generator's p99 lateness behind its schedule
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def start_loadgens(ws: Workspace, daemon: Receiving, n: int) -> list[Child]:
+    processes = math.ceil(n / SENDERS_PER_LOADGEN)
+    share = math.ceil(n / processes)
+    children = []
+    for k, first in enumerate(range(0, n, share)):
+        ids = [f"load-{i}" for i in range(first, min(n, first + share))]
+        config = LoadConfig(
+            "127.0.0.1", daemon.video_port, "localhost", str(ws.pki.ca_cert),
+            senders=[(i, ws.tokens[i]) for i in ids], first_index=first,
+        )  # fmt: skip
+        path = ws.root / f"load-{n}-{k}.json"
+        config.save(path)
+        argv = [sys.executable, "-m", "avd.loadgen", str(path)]
+        children.append(ws.spawn(f"loadgen {k}", argv, child_env()))
+    return children
+
+
+def finish_loadgen(child: Child) -> dict[str, Any]:
+    child.stop(timeout=30)
+    _, match = child.wait_for(r"loadgen report (.*)", timeout=1)
+    report: dict[str, Any] = json.loads(match.group(1))
+    return report
+
+
+def _delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+def _wait_counted(daemon: Receiving, before: Samples, sent: int) -> Samples:
+    """The daemon's metrics once it has counted ``sent`` more frames, or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(daemon.url)
+        counted = _delta(after, before, "avd_frames_received_total", stream="video")
+        if counted >= sent or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
+
+
+def _video_packets(path: Path) -> int:
+    import av  # noqa: PLC0415 - PyAV loads slowly
+    import av.error  # noqa: PLC0415
+
+    count = 0
+    try:
+        with av.open(str(path)) as container:
+            video = [s for s in container.streams if s.type == "video"]
+            count += sum(1 for packet in container.demux(*video) if packet.size)
+    except av.error.FFmpegError:
+        pass  # a segment still being written ends mid-packet: what was read counts
+    return count
+
+
+def recorded_frames(record_dir: Path) -> int:
+    """Video packets in every segment under ``record_dir`` (open ones up to where they are)."""
+    return sum(_video_packets(path) for path in record_dir.rglob("*.mkv"))
+
+
+def _wait_recorded(record_dir: Path, before: int, expected: int) -> int:
+    """How many video packets were added since ``before``, once ``expected`` or settled.
+
+    Counted over every segment, not only new ones: a sender back within the recorder's grace
+    may go on in the segment it had.
+    """
+    count, settled_at = -1, time.monotonic()
+    while True:
+        added = recorded_frames(record_dir) - before
+        if added >= expected or (added == count and time.monotonic() - settled_at > 1):
+            return added
+        if added != count:
+            count, settled_at = added, time.monotonic()
+        time.sleep(0.25)
+
+
+def run_step(ws: Workspace, daemon: Receiving, n: int, plan: Plan, record_dir: Path) -> Step:
+    step, before, recorded_before = Step(n), scrape(daemon.url), recorded_frames(record_dir)
+    generators = start_loadgens(ws, daemon, n)
+    try:
+        for g in generators:
+            _, match = g.wait_for(r"loadgen connected=\d+ failed=(\d+)", timeout=30 + n / 10)
+            if int(match.group(1)):
+                step.problems.append(f"{match.group(1)} senders could not connect")
+        time.sleep(1.0)  # every session past its first heartbeat: latency is measured
+        start = scrape(daemon.url)
+        meters = [procstat.CpuMeter(c.pid) for c in (daemon.child, *generators)]
+        time.sleep(plan.step_s)
+        cpu = [m.percent() for m in meters]
+        end, elapsed = scrape(daemon.url), meters[0].elapsed_s
+        step.rss_bytes = procstat.rss_bytes(daemon.child.pid)
+    finally:
+        reports = [finish_loadgen(g) for g in generators]
+    step.receiver_cpu_pct, step.loadgen_cpu_pct = cpu[0], sum(cpu[1:])
+    step.loadgen_lag_ms = max(r["lag_p99_ms"] for r in reports)
+    step.received_fps = _delta(end, start, "avd_frames_received_total", stream="video") / elapsed
+    _judge(step, start, end, reports)
+    sent = sum(sum(r["sent"].values()) for r in reports)
+    after = _wait_counted(daemon, before, sent)
+    missing = sent - _delta(after, before, "avd_frames_received_total", stream="video")
+    rejected = _delta(after, before, "avd_frames_rejected_total")
+    unrecorded = sent - _wait_recorded(record_dir, recorded_before, sent)
+    for count, what in (
+        (missing, "frames sent but not counted by the receiver"),
+        (rejected, "frames rejected"),
+        (unrecorded, "frames missing from the recordings"),
+    ):
+        if count > 0:
+            step.problems.append(f"{count:.0f} {what}")
+    return step
+
+
+def _judge(step: Step, start: Samples, end: Samples, reports: list[dict[str, Any]]) -> None:
+    buckets = latency_buckets(start, end, "video")
+    p99 = histogram_quantile(0.99, buckets)
+    step.p99_ms = None if p99 is None else p99 * 1000
+    observed = buckets[-1][1] if buckets else 0
+    within = sum(count for bound, count in buckets if bound == 0.05)  # a bucket boundary
+    if not observed or within < 0.99 * observed:
+        step.problems.append(f"p99 latency at or over 50 ms ({format_ms(step.p99_ms)})")
+    wanted = step.senders * VGA.fps
+    if step.received_fps < 0.95 * wanted:
+        step.problems.append(f"received {step.received_fps:.0f} frames/s of {wanted}")
+    for key, what in (
+        ("skipped", "frames skipped: sessions backed up"),
+        ("closed_early", "sessions closed by the receiver"),
+        ("unflushed", "sessions still backed up 15 s after the end"),
+    ):
+        if count := sum(r[key] for r in reports):
+            step.problems.append(f"{count} {what}")
+
+
+def ramp(ws: Workspace, daemon: Receiving, plan: Plan, record_dir: Path) -> list[Step]:
+    """Steps of more senders until one fails; the full run then tries halfway, once."""
+    steps: list[Step] = []
+    for n in plan.steps:
+        progress(f"{n} senders at 20 fps...")
+        steps.append(run_step(ws, daemon, n, plan, record_dir))
+        if not steps[-1].passed:
+            break
+    if not plan.quick and len(steps) > 1 and not steps[-1].passed:
+        low, high = steps[-2].senders, steps[-1].senders
+        middle = (low + high) // 2 // 10 * 10
+        if low < middle < high:
+            progress(f"{middle} senders at 20 fps...")
+            steps.append(run_step(ws, daemon, middle, plan, record_dir))
+    return steps
