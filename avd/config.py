@@ -14,13 +14,21 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avd.errors import ConfigError
 from avd.media.base import AudioFormat, VideoFormat
 from avd.protocol import SENDER_ID_RE
 
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ListenPort = Annotated[int, Field(ge=0, le=65535)]  # 0: the kernel picks a free port
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -95,12 +103,12 @@ class ReceiverSettings(CommonSettings):
     bind: str = Field("0.0.0.0", description="address to listen on (:: for IPv6)")  # noqa: S104
     video_port: ListenPort = Field(5000, description="TCP port of the video stream (0: any)")
     audio_port: ListenPort = Field(5001, description="TCP port of the audio stream (0: any)")
-    tls_cert: Path = Field(description="the receiver's certificate (PEM)")
-    tls_key: Path = Field(description="the receiver's private key (PEM, mode 0600)")
-    tls_client_ca: Path | None = Field(
+    tls_cert: ExistingFile = Field(description="the receiver's certificate (PEM)")
+    tls_key: ExistingFile = Field(description="the receiver's private key (PEM, mode 0600)")
+    tls_client_ca: ExistingFile | None = Field(
         None, description="when set, senders must present a client certificate signed by it"
     )
-    tokens_file: Path = Field(description="sender ids and token hashes, one per line")
+    tokens_file: ExistingFile = Field(description="sender ids and token hashes, one per line")
     record_dir: Path | None = Field(None, description="where recordings go; unset = none")
     segment_seconds: Annotated[float, Field(ge=1, le=3600)] = Field(
         60.0, description="length of one recording segment"
@@ -148,20 +156,6 @@ class ReceiverSettings(CommonSettings):
         256, description="largest audio chunk accepted, in KiB"
     )
 
-    @field_validator("tls_cert", "tls_key", "tokens_file")
-    @classmethod
-    def _must_exist(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
-
-    @field_validator("tls_client_ca")
-    @classmethod
-    def _optional_must_exist(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
-
 
 def _default_sender_id() -> str:
     """The host name, trimmed to what a sender id may hold."""
@@ -174,7 +168,9 @@ class SenderSettings(CommonSettings):
     """``avd-sender``: captures and streams to one receiver."""
 
     receiver_host: str = Field(description="host name or address of the receiver")
-    tls_ca: Path = Field(description="CA certificate that signed the receiver's certificate")
+    tls_ca: ExistingFile = Field(
+        description="CA certificate that signed the receiver's certificate"
+    )
     tls_server_name: str | None = Field(
         None, description="name to verify in the receiver's certificate (default: host)"
     )
@@ -239,13 +235,6 @@ class SenderSettings(CommonSettings):
     def _valid_sender_id(cls, value: str) -> str:
         if not SENDER_ID_RE.fullmatch(value):
             raise ValueError("1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
-        return value
-
-    @field_validator("tls_ca")
-    @classmethod
-    def _ca_exists(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"no such file: {value}")
         return value
 
     @property
