@@ -381,16 +381,19 @@ class _Link:
         while True:
             late = False
             item = client.queue.get_nowait()
-            # Backfill only into an idle link, and with few frames awaiting their acks: it must
-            # never queue ahead of live frames, nor outrun the receiver's recorder (whose
-            # queue would give the excess up).
-            idle = unsent_bytes(self.writer) == 0 and len(self.sent) < BACKFILL_WINDOW
-            if item is None and idle and (item := self._next_backfill()) is not None:
-                late = True
-            if item is None and not idle:
-                await asyncio.sleep(LINK_POLL_S)  # until the link is idle or a live frame waits
-                continue
-            if item is None:
+            if item is None and (pending := self._peek_backfill()) is not None:
+                # Backfill only into an idle link, and with few frames awaiting their acks: it
+                # must never queue ahead of live frames, nor outrun the receiver's recorder
+                # (whose queue would give the excess up). Until then a live frame may come.
+                if unsent_bytes(self.writer) == 0 and len(self.sent) < BACKFILL_WINDOW:
+                    item, late = pending, True
+                    self.backfill_cursor = pending[0]
+                else:
+                    try:
+                        item = await asyncio.wait_for(client.queue.get(), LINK_POLL_S)
+                    except TimeoutError:
+                        continue
+            if item is None:  # nothing to backfill: wait for the next live frame, no polling
                 item = await client.queue.get()
                 if item is None:  # capture has stopped: what was captured still goes out
                     await self._flush()
@@ -437,13 +440,20 @@ class _Link:
         while unsent_bytes(self.writer) > UNSENT_LIMIT:  # noqa: ASYNC110
             await asyncio.sleep(LINK_POLL_S)
 
-    def _next_backfill(self) -> tuple[int, CapturedFrame] | None:
-        """The oldest spooled frame not yet sent in this session."""
+    def _peek_backfill(self) -> tuple[int, CapturedFrame] | None:
+        """The oldest spooled frame not yet sent in this session (the cursor skips sent ones)."""
         while (found := self.client.spool.next_after(self.backfill_cursor)) is not None:
-            self.backfill_cursor = found[0]
             if found[0] not in self.sent:
                 return found
+            self.backfill_cursor = found[0]
         return None
+
+    def _next_backfill(self) -> tuple[int, CapturedFrame] | None:
+        """Like _peek_backfill, and the frame counts as taken."""
+        found = self._peek_backfill()
+        if found is not None:
+            self.backfill_cursor = found[0]
+        return found
 
     def _on_ack(self, seq: int) -> None:
         self.client.spool.ack(seq)
