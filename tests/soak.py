@@ -58,6 +58,10 @@ SAMPLE_EVERY_S = 5.0
 # of frames (RecordedIndex), so its memory rises for two minutes before any leak can show.
 WARMUP_S = 120.0
 RESTART_SETTLE_S = 10.0  # a restarted receiver loads that index from its segments at once
+# Each stall or throttle may push a sender's buffers to a new peak (about 1 MiB a step) until
+# the worst case has happened: a healthy 3-minute run reads up to ~2 MiB/min, a 12-minute one
+# about 1. A real leak keeps climbing: run longer to tell a slow one from a peak being set.
+MAX_GROWTH_MB_MIN = 3.0
 SPOOL_SECONDS = 30.0  # the senders' default AVD_SPOOL_SECONDS: a longer outage may lose frames
 THROTTLE_BYTES_PER_S = 100_000  # well under a 640x480 q70 stream at 20 fps
 SENDER_COUNTERS = {
@@ -130,7 +134,26 @@ class Soak:
             self.creds.add(sender_id)
         self._start_receiver(video_port=0, audio_port=0)
         self.peers = [self._start_peer(sender_id) for sender_id in sender_ids]
+        self._wait_until_all_stream()
         self.t0 = time.monotonic()
+
+    def _wait_until_all_stream(self, timeout: float = 30.0) -> None:
+        """Time starts once every stream is received: the first samples are steady ones."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._scrape_receiver()
+            counts = self._receiver_counts()
+            silent = [
+                (p.sender_id, s)
+                for p, s in _pairs(self)
+                if not counts[(p.sender_id, s, "received")]
+            ]
+            if not silent:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"soak: no frames from {silent} within {timeout:.0f} s; --keep keeps the logs"
+        )
 
     def _start_receiver(self, video_port: int, audio_port: int) -> ReceiverHandle:
         self.incarnation += 1
@@ -329,7 +352,7 @@ class Soak:
             if peer.daemon.proc.poll() is None:
                 peer.daemon.proc.send_signal(signal.SIGTERM)
         codes: dict[str, int | None] = {}
-        for name, daemon in self._daemons():
+        for name, daemon in self.daemons():
             if name == "receiver":
                 self._scrape_receiver()  # the senders' last frames are in
                 daemon.proc.send_signal(signal.SIGTERM)
@@ -357,14 +380,14 @@ class Soak:
                     found.setdefault(name, []).append(f"{path.name}: {line[:200]}")
         return found
 
-    def _daemons(self) -> Iterator[tuple[str, Daemon]]:
+    def daemons(self) -> Iterator[tuple[str, Daemon]]:
         for peer in self.peers:
             yield peer.sender_id, peer.daemon
         if self.receiver is not None:
             yield "receiver", self.receiver.daemon
 
     def close(self) -> None:
-        for _, daemon in self._daemons():
+        for _, daemon in self.daemons():
             daemon.kill()
         for peer in self.peers:
             for proxy in peer.proxies:
@@ -378,7 +401,10 @@ def _pairs(soak: Soak) -> Iterator[tuple[Peer, str]]:
 
 
 def restart_times(duration_s: float, every_s: float) -> list[float]:
-    """When to restart the receiver: every ``every_s`` (not in the last 20 s), else midway."""
+    """When to restart the receiver: every ``every_s`` (not in the last 20 s), else midway;
+    never if ``every_s`` is 0 (a long run that watches one receiver's memory)."""
+    if every_s <= 0:
+        return []
     times = []
     at = every_s
     while at < duration_s - 20:
@@ -389,7 +415,7 @@ def restart_times(duration_s: float, every_s: float) -> list[float]:
 
 def summarize(soak: Soak, cutoffs: dict[tuple[str, str], int], drain_s: float) -> dict[str, Any]:
     """Everything the report and the verdict need, as plain data."""
-    alive = {name: d.proc.poll() is None for name, d in soak._daemons()}
+    alive = {name: d.proc.poll() is None for name, d in soak.daemons()}
     exit_codes = soak.stop()
     received = soak.received()
     final = {p.sender_id: p.last for p in soak.peers}
@@ -591,17 +617,17 @@ def _process_table(processes: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.soak", description=__doc__.split("\n")[0]
+        prog="python -m tests.soak", description=__doc__.split(": ", 1)[1].split("\n")[0]
     )
-    parser.add_argument("--minutes", type=float, default=5.0, help="faults phase (default 5)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="minutes of faults (default 5)")
     parser.add_argument("--senders", type=int, default=4, help="sender daemons (default 4)")
     parser.add_argument(
         "--restart-every", type=float, default=120.0, metavar="S",
-        help="SIGKILL and restart the receiver every S seconds (default 120; once if longer)",
+        help="SIGKILL and restart the receiver every S s (default 120; once if longer; 0: never)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-growth", type=float, default=2.0, metavar="MB",
-        help="largest RSS growth per minute of any daemon judged good (default 2)",
+        "--max-growth", type=float, default=MAX_GROWTH_MB_MIN, metavar="MB",
+        help=f"largest RSS growth per minute judged good (default {MAX_GROWTH_MB_MIN:g})",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="fault schedule seed")
     parser.add_argument("--keep", action="store_true", help="keep logs and recordings")
@@ -633,12 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"soak: {opts.senders} senders, {opts.minutes:g} min, seed {opts.seed}, in {root}")
         soak.run()
         summary = summarize(soak, *soak.settle())
-        soak.write_samples(root / "samples.csv")
+        if opts.keep:
+            soak.write_samples(root / "samples.csv")
     text, ok = render(summary)
     summary["ok"] = ok
     print(text)
     if opts.keep:
-        print(f"logs and recordings kept in {root}")
+        print(f"logs, recordings and samples.csv kept in {root}")
     if opts.json:
         print(json.dumps(summary, sort_keys=True))
     return 0 if ok else 1
