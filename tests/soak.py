@@ -54,13 +54,16 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 STREAMS = ("video", "audio")
 FAULTS = ("reset", "stall", "delay", "throttle", "refuse")
 SAMPLE_EVERY_S = 5.0
-# Memory growth is judged after this long: the receiver's duplicate index holds the last 120 s
-# of frames (RecordedIndex), so its memory rises for two minutes before any leak can show.
-WARMUP_S = 120.0
-RESTART_SETTLE_S = 10.0  # a restarted receiver loads that index from its segments at once
-# Each stall or throttle may push a sender's buffers to a new peak (about 1 MiB a step) until
-# the worst case has happened: a healthy 3-minute run reads up to ~2 MiB/min, a 12-minute one
-# about 1. A real leak keeps climbing: run longer to tell a slow one from a peak being set.
+# Memory growth is measured after a warm-up. A sender's buffers reach their usual peaks within
+# two minutes of faults. A receiver's RSS climbs for about six minutes after each start (25-min
+# run: 73 MiB at start, 90 at 6 min, 90.4 at 19 min): its duplicate index fills for 120 s, and
+# every sender's backfill of an outage lands on top.
+SENDER_WARMUP_S = 120.0
+RECEIVER_WARMUP_S = 360.0  # from each start of the receiver: a restart warms up again
+MIN_JUDGED_S = 60.0  # a slope over less time than this after the warm-up is shown, not judged
+# A stall or throttle may still push a sender's buffers to a new peak (about 1 MiB a step): a
+# healthy 3-minute run reads up to ~2 MiB/min, a 25-minute one 0.3 at most. A leak keeps
+# climbing: run longer (--restart-every 0 for the receiver) to tell a slow one from a peak.
 MAX_GROWTH_MB_MIN = 3.0
 SPOOL_SECONDS = 30.0  # the senders' default AVD_SPOOL_SECONDS: a longer outage may lose frames
 THROTTLE_BYTES_PER_S = 100_000  # well under a 640x480 q70 stream at 20 fps
@@ -449,6 +452,7 @@ def summarize(soak: Soak, cutoffs: dict[tuple[str, str], int], drain_s: float) -
         "spool_seconds": SPOOL_SECONDS,
         "senders": senders,
         "processes": _process_figures(soak, alive, exit_codes),
+        "warmup_s": {"senders": _sender_warmup_s(soak.opts), "receiver": RECEIVER_WARMUP_S},
         "restarts": soak.restarts,
         "drain_s": round(drain_s, 1),
         "leftover_parts": len(list(soak.record_dir.rglob("*.part"))),
@@ -462,20 +466,28 @@ def _process_figures(
     soak: Soak, alive: dict[str, bool], exit_codes: dict[str, int | None]
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    warmup = min(WARMUP_S, soak.opts.minutes * 60 / 2)
+    sender_warmup = _sender_warmup_s(soak.opts)
     for name, points in soak.series.items():
         rss = [p.rss_kb for p in points]
         fds = [p.fds for p in points]
+        warmups = (0.0, RECEIVER_WARMUP_S) if name == "receiver" else (sender_warmup, 0.0)
+        growth, window = growth_mb_per_min(
+            [(p.t, p.incarnation, p.rss_kb) for p in points], *warmups
+        )
         figures[name] = {
             "alive": alive.get(name, False),
             "exit_code": exit_codes.get(name),
             "rss_kb": {"start": rss[0], "end": rss[-1], "max": max(rss)},
-            "growth_mb_min": growth_mb_per_min(
-                [(p.t, p.incarnation, p.rss_kb) for p in points], warmup
-            ),
+            "growth_mb_min": growth,
+            "growth_window_s": window,
+            "growth_judged": growth is not None and window >= MIN_JUDGED_S,
             "fds": {"start": fds[0], "end": fds[-1], "max": max(fds)},
         }
     return figures
+
+
+def _sender_warmup_s(opts: Options) -> float:
+    return min(SENDER_WARMUP_S, opts.minutes * 60 / 2)  # a short run keeps its second half
 
 
 # ---- recordings, memory, report ------------------------------------------------------------
@@ -503,24 +515,28 @@ def recorded_seqs(record_dir: Path) -> tuple[dict[tuple[str, str], list[int]], l
     return found, unreadable
 
 
-def growth_mb_per_min(points: Sequence[tuple[float, int, int]], warmup_s: float) -> float | None:
-    """RSS growth in MiB/min: the least-squares slope of (t s, RSS KiB) within each incarnation
-    (a restart starts afresh), pooled. Left out: samples before ``warmup_s`` into the run and
-    an incarnation's first ``RESTART_SETTLE_S`` (imports, first segments). None if too few."""
+def growth_mb_per_min(
+    points: Sequence[tuple[float, int, int]], since_run_s: float, since_start_s: float
+) -> tuple[float | None, float]:
+    """RSS growth in MiB/min and the seconds it was measured over: the least-squares slope of
+    (t s, RSS KiB) within each incarnation (a restart starts afresh), pooled. Kept: samples
+    ``since_run_s`` into the run and ``since_start_s`` into their incarnation (warm-ups)."""
     groups: dict[int, list[tuple[float, int]]] = defaultdict(list)
     for t, incarnation, rss in points:
         groups[incarnation].append((t, rss))
-    covariance = variance = 0.0
+    covariance = variance = window = 0.0
     for group in groups.values():
-        since = max(warmup_s, group[0][0] + RESTART_SETTLE_S)
+        since = max(since_run_s, group[0][0] + since_start_s)
         kept = [(t, rss) for t, rss in group if t >= since]
         if len(kept) < 3:
             continue
+        window += kept[-1][0] - kept[0][0]
         mean_t = sum(t for t, _ in kept) / len(kept)
         mean_rss = sum(rss for _, rss in kept) / len(kept)
         covariance += sum((t - mean_t) * (rss - mean_rss) for t, rss in kept)
         variance += sum((t - mean_t) ** 2 for t, _ in kept)
-    return None if variance == 0 else round(covariance / variance * 60 / 1024, 3)
+    slope = None if variance == 0 else round(covariance / variance * 60 / 1024, 3)
+    return slope, round(window, 1)
 
 
 def judge(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -530,7 +546,7 @@ def judge(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
         if not proc["alive"] or proc["exit_code"] != 0:
             problems.append(f"{name}: alive={proc['alive']} exit={proc['exit_code']}")
         growth = proc["growth_mb_min"]
-        if growth is not None and growth > summary["max_growth_mb_min"]:
+        if proc["growth_judged"] and growth > summary["max_growth_mb_min"]:
             problems.append(f"{name}: RSS grows {growth:.2f} MiB/min")
         if name != "receiver" and proc["fds"]["end"] > proc["fds"]["start"] + 16:
             warnings.append(f"{name}: descriptors {proc['fds']['start']} -> {proc['fds']['end']}")
@@ -566,14 +582,20 @@ def render(summary: dict[str, Any]) -> tuple[str, bool]:
     lines.append("faults: " + ", ".join(f"{k} {faults[k]}" for k in FAULTS))
     lines.append(f"receiver restarts (SIGKILL): {len(summary['restarts'])} ({restarts})")
     lines.append(f"spools drained {summary['drain_s']:.0f} s after the cut-off")
+    lines.append(
+        f"MiB/min: RSS slope from {summary['warmup_s']['senders']:.0f} s into the run (senders), "
+        f"{summary['warmup_s']['receiver']:.0f} s after each start (receiver); (in brackets): "
+        f"measured over under {MIN_JUDGED_S:.0f} s, not judged"
+    )
     problems, warnings = judge(summary)
     lines += [f"warning: {w}" for w in warnings] + [f"problem: {p}" for p in problems]
-    growths = [p["growth_mb_min"] or 0.0 for p in summary["processes"].values()]
+    judged = {n: p["growth_mb_min"] for n, p in summary["processes"].items() if p["growth_judged"]}
+    growth = f"{max(judged.values()):.2f} MiB/min" if judged else "not judged (run too short)"
     rows = [r for s in summary["senders"].values() for r in s["streams"].values()]
     lost, missing = sum(r["lost"] for r in rows), sum(r["missing"] for r in rows)
     lines.append(
         f"verdict: {'GOOD' if not problems else 'BAD'}: largest RSS growth "
-        f"{max(growths):.2f} MiB/min (limit {summary['max_growth_mb_min']:g}), "
+        f"{growth} (limit {summary['max_growth_mb_min']:g}), "
         f"frames lost {lost}, missing from recordings {missing}, problems {len(problems)}"
     )
     summary["problems"], summary["warnings"] = problems, warnings
@@ -606,6 +628,8 @@ def _process_table(processes: dict[str, Any]) -> str:
     for name, p in processes.items():
         mib = [p["rss_kb"][k] / 1024 for k in ("start", "end", "max")]
         growth = "-" if p["growth_mb_min"] is None else f"{p['growth_mb_min']:+.2f}"
+        if not p["growth_judged"]:
+            growth = f"({growth})"  # measured over too short a time after the warm-up
         fds = p["fds"]
         lines.append(
             f"{name:<12} {mib[0]:7.1f} {mib[1]:6.1f} {mib[2]:6.1f} {growth:>8} "
