@@ -158,7 +158,7 @@ def _describe_network(exc: BaseException | None) -> str:
     if isinstance(exc, TimeoutError):
         return "receiver did not answer in time"
     if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
-        return "connection dropped by the receiver"
+        return "connection dropped (by the receiver or the network)"
     if isinstance(exc, ssl.SSLError | EOFError):
         return "connection dropped during the TLS handshake"
     if isinstance(exc, OSError) and exc.strerror:

@@ -243,7 +243,7 @@ async def run_sender(settings: SenderSettings) -> int:
         log_event(log, logging.INFO, LogEvent.DAEMON_STOPPING, "avd-sender stopping")
         # Capture stops first; each stream then sends what is left and waits for its acks.
         await asyncio.to_thread(sender.stop_capture)
-    else:
+    elif streaming.exception() is None:
         log.info("all sources have ended")
     try:
         await asyncio.wait_for(asyncio.shield(streaming), timeout=3.0)

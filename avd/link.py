@@ -180,6 +180,9 @@ class Link:
             await self._send(seq, frame, late=late)
 
     async def _send(self, seq: int, frame: CapturedFrame, *, late: bool) -> None:
+        if self.conn.state is not protocol.State.OPEN:
+            # The reader saw the connection end in this same turn of the loop.
+            raise ConnectionResetError("the connection closed")
         head, payload = self.conn.send_media(
             protocol.Media(seq, frame.capture_us, frame.data, late)
         )

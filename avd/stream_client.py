@@ -121,6 +121,11 @@ class StreamClient:
             except (OSError, ssl.SSLError, TimeoutError, AuthError, RemoteProtocolError) as exc:
                 failure = classify(exc)
                 problem = describe_failure(failure, exc)
+            except Exception as exc:
+                # A bug of ours must not take the daemon down for months of unattended
+                # running: it is logged with its traceback and the stream starts again.
+                log.exception("%s stream: unexpected error; reconnecting", self.label)
+                failure, problem = FailureKind.PROTOCOL, f"unexpected {type(exc).__name__}"
             finally:
                 self._set_connected(False)
             if stop.is_set():

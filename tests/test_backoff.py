@@ -208,7 +208,10 @@ def test_classify_maps_exceptions_to_kinds(exc: BaseException, kind: FailureKind
     [
         (ConnectionRefusedError(errno.ECONNREFUSED, "x"), "receiver refused the connection"),
         (TimeoutError(), "receiver did not answer in time"),
-        (ConnectionResetError(errno.ECONNRESET, "x"), "connection dropped by the receiver"),
+        (
+            ConnectionResetError(errno.ECONNRESET, "x"),
+            "connection dropped (by the receiver or the network)",
+        ),
         (OSError(errno.ENETUNREACH, "Network is unreachable"), "receiver unreachable: Network"),
         (ssl.SSLEOFError(8, "EOF"), "connection dropped during the TLS handshake"),
         (RemoteProtocolError("bad magic: not an avd peer"), "receiver broke the protocol: bad"),
