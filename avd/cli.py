@@ -283,7 +283,7 @@ def _certs_init(args: argparse.Namespace) -> int:
     try:
         paths = init_certs(Path(args.dir), hosts, days=args.days, force=args.force)
     except CertsExistError as exc:
-        print(f"avd certs init: {exc} (use --force to replace them)", file=sys.stderr)
+        print(f"avd certs init: {exc}", file=sys.stderr)
         return 1
     print(format_init_report(paths))
     return 0

@@ -102,7 +102,7 @@ class StreamClient:
 
     async def run(self, stop: asyncio.Event) -> None:
         attempt = 0
-        while not stop.is_set():
+        while not stop.is_set() and not self._nothing_left():
             if attempt:
                 self.metrics.reconnects.labels(stream=self.label).inc()
             attempt += 1
@@ -134,6 +134,10 @@ class StreamClient:
                 self.backoff.session_ended((monotonic_us() - started) / 1e6)
             await self._wait_before_retry(stop, failure, problem)
 
+    def _nothing_left(self) -> bool:
+        """Capture has stopped and every frame was delivered: no reason to reconnect."""
+        return self.queue.closed and not len(self.queue) and not len(self.spool)
+
     def _goodbye_failure(self, exc: SessionEnded) -> tuple[FailureKind, str]:
         if exc.reason == GoodbyeReason.REVOKED:
             return FailureKind.AUTH_REFUSED, "the receiver revoked this sender's token"
@@ -150,8 +154,12 @@ class StreamClient:
         delay = self.backoff.next_delay(failure)
         self.state = f"waiting for receiver ({problem}), retry in {delay:.0f} s"
         self._log_retry(failure, problem, delay)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+        # Wakes early if the daemon stops, or if capture stops with nothing left to deliver.
+        deadline = monotonic_us() + delay * 1e6
+        while monotonic_us() < deadline and not self._nothing_left():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=min(0.25, delay))
+                return
 
     def _log_retry(self, failure: FailureKind, problem: str, delay: float) -> None:
         """Logs a new problem at once, the same one at most every RETRY_LOG_INTERVAL_S."""
