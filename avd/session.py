@@ -120,6 +120,17 @@ def format_problem(hello: Hello) -> str | None:
     return None
 
 
+class _FrameMetrics:
+    """A stream's labelled metrics, looked up once per session rather than once per frame."""
+
+    def __init__(self, metrics: ReceiverMetrics, sender_id: str, stream: str) -> None:
+        self.received = metrics.frames_received.labels(sender=sender_id, stream=stream)
+        self.received_bytes = metrics.bytes_received.labels(sender=sender_id, stream=stream)
+        self.late = metrics.frames_late.labels(sender=sender_id, stream=stream)
+        self.latency = metrics.frame_latency.labels(stream=stream)
+        # Not the skew gauge: it must not show a 0 for a sender that sends one stream only.
+
+
 class Session:
     def __init__(
         self,
@@ -310,6 +321,7 @@ class Session:
         self.acks = AckWatermark(hello.first_seq)
         self._highest_seq = hello.first_seq - 1
         self._stream_open = True
+        self._per_frame = _FrameMetrics(self.ctx.metrics, hello.sender_id, hello.kind.label)
         self.ctx.register(self)
         self.ctx.metrics.connections_active.labels(stream=hello.kind.label).inc()
         self.ctx.sink.stream_started(self.info)
@@ -379,21 +391,20 @@ class Session:
                 log.warning("rejected a %s frame from %s: %s", stream, info.sender_id, exc)
             self.frames_done((media.seq,))  # resending a bad frame would not make it good
             return
+        metrics = self._per_frame
         if media.late:
-            self.ctx.metrics.frames_late.labels(sender=info.sender_id, stream=stream).inc()
+            metrics.late.inc()
         arrival = monotonic_us()
         local_capture = self.clock.to_local(media.capture_us)
         if local_capture is not None and not media.late:
             latency = max(arrival - local_capture, 0) / 1e6
-            self.ctx.metrics.frame_latency.labels(stream=stream).observe(latency)
+            metrics.latency.observe(latency)
             skew = self.ctx.skew.observe(info.sender_id, info.kind, latency)
             if skew is not None:
                 self.ctx.metrics.av_skew.labels(sender=info.sender_id).set(skew)
         self.counters.frames_in += 1
-        self.ctx.metrics.frames_received.labels(sender=info.sender_id, stream=stream).inc()
-        self.ctx.metrics.bytes_received.labels(sender=info.sender_id, stream=stream).inc(
-            len(media.data)
-        )
+        metrics.received.inc()
+        metrics.received_bytes.inc(len(media.data))
         frame = ReceivedFrame(
             media.seq, media.capture_us, arrival, local_capture, media.data, media.late
         )
