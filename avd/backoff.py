@@ -10,8 +10,18 @@ and reconnects for ever:
   same receiver, the fixed half keeps a floor so a retry is never near-immediate;
 - a refused token or an untrusted certificate will not fix itself in half a second, so
   those retry at the cap, and the escalation stays there for whatever comes next;
-- only a healthy session (one that lasted ``healthy_after_s``) resets the escalation: a
-  receiver that accepts and drops at once must not put us in a tight loop;
+- a failure before the receiver's welcome escalates: a receiver that accepts and drops at
+  once (or a network that does) must not put us in a tight loop;
+- a welcomed session resets the escalation when it ends because the receiver went away
+  (the connection dropped or timed out, or a goodbye that does not blame us: shutdown,
+  timeout), however short it was: that is a receiver restarting, and the next one may come
+  seconds later, so the first retry comes within ``first_s`` every time. The cost: a
+  receiver that welcomes and drops at once is retried at that pace, each time one TLS
+  handshake and one hello, which it brings on itself;
+- a welcomed session the receiver ended with a cause (another sender took our id,
+  ``REPLACED``; it is ``OVERLOADED``; a ``PROTOCOL_ERROR``) keeps escalating, so two senders
+  with one id do not take the session from each other twice a second; it resets only if
+  it was healthy (lasted ``healthy_after_s``);
 - a refused connection (the receiver's host answers but nothing listens: the daemon is
   restarting) is retried every ``first_s / 2`` to ``first_s``, without escalating: each try
   costs the receiver's kernel one RST, and the stream is back within half a second of the
@@ -32,18 +42,26 @@ class FailureKind(enum.Enum):
     REFUSED = "refused"  # network: unreachable, timed out, reset
     TLS_VERIFY = "tls-verify"  # a certificate was not trusted (theirs by us, or ours by them)
     AUTH_REFUSED = "auth-refused"  # the receiver refused the hello
-    PROTOCOL = "protocol"  # the peer broke the protocol
-    SESSION_LOST = "session-lost"  # an established session ended
+    PROTOCOL = "protocol"  # the peer broke the protocol, or says that we did
+    SESSION_LOST = "session-lost"  # the receiver ended a welcomed session, not blaming us
+    TURNED_AWAY = "turned-away"  # it ended one for another sender with our id, or overloaded
 
 
 # Failures a retry cannot fix until someone changes a file: retried at the cap.
 SLOW_RETRY = frozenset({FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY})
 
+# How a welcomed session ends when the receiver went away (killed, restarted, unplugged)
+# rather than turned us away: such an end resets the escalation, however short the session.
+RECEIVER_GONE = frozenset(
+    {FailureKind.NOT_LISTENING, FailureKind.REFUSED, FailureKind.SESSION_LOST}
+)
+
 
 class Backoff:
     """Jittered, capped, exponential reconnect delays for one stream.
 
-    ``attempts`` counts the failures since the last reset (creation or a healthy session).
+    ``attempts`` counts the failures since the last reset (creation, or a welcomed session
+    that was healthy or ended because the receiver went away).
     """
 
     def __init__(
@@ -83,9 +101,11 @@ class Backoff:
         self._base = min(self.cap_s, base * self.factor)
         return min(base, self._rng.uniform(base / 2, base))  # min(): uniform may round up
 
-    def session_ended(self, duration_s: float) -> None:
-        """An established session ended after ``duration_s``; a healthy one resets."""
-        if duration_s >= self.healthy_after_s:
+    def session_ended(self, duration_s: float, failure: FailureKind) -> None:
+        """A welcomed session ended after ``duration_s`` because of ``failure``; call it
+        before ``next_delay``. Resets the escalation if the session was healthy or if the
+        receiver went away (``RECEIVER_GONE``); a receiver that turned us away does not."""
+        if duration_s >= self.healthy_after_s or failure in RECEIVER_GONE:
             self._base = self.first_s
             self.attempts = 0
 

@@ -4,8 +4,9 @@ Each stream (video on its port, audio on its port) runs one ``StreamClient``. A 
 TLS connect (the receiver's certificate checked against ``AVD_TLS_CA`` and its name), hello
 (with the spool's floor as ``first_seq``), welcome, then ``avd.link.Link`` until it ends.
 Whatever ends a session, the client waits as ``Backoff`` says (a refused connection every
-0.25-0.5 s, otherwise from 0.5 s doubling to the cap, at the cap after a refusal) and tries
-again, until the daemon stops or the source ends.
+0.25-0.5 s, a welcomed session the receiver went away from within 0.5 s, otherwise from
+0.5 s doubling to the cap, at the cap after a refusal) and tries again, until the daemon
+stops or the source ends.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class StreamClient:
                 self._set_connected(False)
             if stop.is_set():
                 return
-            if self._established:
-                self.backoff.session_ended((monotonic_us() - started) / 1e6)
+            if self._established:  # welcomed: the backoff decides if it was a good session
+                self.backoff.session_ended((monotonic_us() - started) / 1e6, failure)
             await self._wait_before_retry(stop, failure, problem)
 
     def _nothing_left(self) -> bool:
@@ -143,22 +144,28 @@ class StreamClient:
             return FailureKind.AUTH_REFUSED, "the receiver revoked this sender's token"
         if exc.reason == GoodbyeReason.REPLACED:
             return (
-                FailureKind.SESSION_LOST,
+                FailureKind.TURNED_AWAY,
                 f"another sender connected with the same id {self.sender_id!r}",
             )
+        if exc.reason == GoodbyeReason.OVERLOADED:
+            return FailureKind.TURNED_AWAY, "the receiver is overloaded"
+        if exc.reason == GoodbyeReason.PROTOCOL_ERROR:
+            return FailureKind.PROTOCOL, str(exc)  # the receiver says we broke the protocol
         return FailureKind.SESSION_LOST, str(exc)
 
     async def _wait_before_retry(
         self, stop: asyncio.Event, failure: FailureKind, problem: str
     ) -> None:
         delay = self.backoff.next_delay(failure)
-        self.state = f"waiting for receiver ({problem}), retry in {delay:.0f} s"
+        self.state = f"waiting for receiver ({problem}), retry in {delay:.1f} s"
         self._log_retry(failure, problem, delay)
         # Wakes early if the daemon stops, or if capture stops with nothing left to deliver.
+        # Polled in steps of at most 0.25 s, the last one cut to the deadline: rounding the
+        # wait up to whole steps would make every 0.25-0.5 s retry a 0.5 s one.
         deadline = monotonic_us() + delay * 1e6
-        while monotonic_us() < deadline and not self._nothing_left():
+        while (left_us := deadline - monotonic_us()) > 0 and not self._nothing_left():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=min(0.25, delay))
+                await asyncio.wait_for(stop.wait(), timeout=min(0.25, left_us / 1e6))
                 return
 
     def _log_retry(self, failure: FailureKind, problem: str, delay: float) -> None:

@@ -1,4 +1,5 @@
-"""avd.backoff: delay bounds, escalation and reset, slow retries, and failure classification.
+"""avd.backoff: delay bounds, escalation and when a session resets it, slow retries, and
+failure classification.
 
 Classification is checked on exceptions built by hand and on the real ones: TLS failures
 provoked on loopback with certificates from ``avd.certs`` (the ``pki`` fixtures).
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avd.backoff import SLOW_RETRY, Backoff, FailureKind, classify, describe_failure
+from avd.backoff import RECEIVER_GONE, SLOW_RETRY, Backoff, FailureKind, classify, describe_failure
 from avd.certs import CertPaths
 from avd.errors import AuthError, FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from avd.tls import receiver_context, sender_context
@@ -95,29 +96,77 @@ def test_refused_token_or_bad_certificate_retries_at_the_cap(failure: FailureKin
     assert backoff.attempts == 3
 
 
-def test_only_a_healthy_session_resets_the_escalation() -> None:
+def test_a_session_the_receiver_turned_away_resets_only_if_healthy() -> None:
     backoff = Backoff(healthy_after_s=10.0, rng=random.Random(5))
     for _ in range(6):
         backoff.next_delay(FailureKind.REFUSED)
     assert backoff.attempts == 6
-    backoff.session_ended(9.9)  # too short to count as healthy
-    assert backoff.next_delay(FailureKind.SESSION_LOST) >= 5.0
+    backoff.session_ended(9.9, FailureKind.TURNED_AWAY)  # too short to count as healthy
+    assert backoff.next_delay(FailureKind.TURNED_AWAY) >= 5.0
     assert backoff.attempts == 7
-    backoff.session_ended(10.0)
+    backoff.session_ended(10.0, FailureKind.TURNED_AWAY)
     assert backoff.attempts == 0
-    assert backoff.next_delay(FailureKind.SESSION_LOST) <= 0.5
+    assert backoff.next_delay(FailureKind.TURNED_AWAY) <= 0.5
     assert backoff.attempts == 1
 
 
-def test_a_receiver_that_accepts_and_drops_at_once_is_not_a_tight_loop() -> None:
+@pytest.mark.parametrize(
+    "failure", [FailureKind.REFUSED, FailureKind.SESSION_LOST, FailureKind.NOT_LISTENING]
+)
+def test_a_welcomed_session_the_receiver_went_away_from_resets_however_short(
+    failure: FailureKind,
+) -> None:
+    backoff = Backoff(rng=FixedRandom(math.nextafter(1.0, 0.0)))  # the longest delays
+    for _ in range(6):
+        backoff.next_delay(FailureKind.REFUSED)
+    backoff.session_ended(0.05, failure)
+    assert backoff.attempts == 0
+    assert backoff.next_delay(FailureKind.REFUSED) <= 0.5
+
+
+def test_a_receiver_killed_again_and_again_is_rejoined_within_first_s_each_time() -> None:
+    """The bench's reconnect phase: the receiver is killed right after our first frame
+    reaches it, and restarted, three times in a row."""
+    backoff = Backoff(rng=FixedRandom(math.nextafter(1.0, 0.0)))  # the longest delays
+    delays = []
+    for _ in range(3):
+        backoff.session_ended(0.1, FailureKind.REFUSED)  # welcomed, then the connection dropped
+        delays.append(backoff.next_delay(FailureKind.REFUSED))
+        delays += [backoff.next_delay(FailureKind.NOT_LISTENING) for _ in range(4)]  # restarting
+    assert max(delays) <= 0.5, delays
+
+
+@pytest.mark.parametrize("failure", [FailureKind.TURNED_AWAY, FailureKind.PROTOCOL])
+def test_a_receiver_that_turns_welcomed_sessions_away_is_not_a_tight_loop(
+    failure: FailureKind,
+) -> None:
+    """Two senders with one id take the session from each other (goodbye REPLACED): each
+    must back off further every time, not reconnect two to four times a second."""
     backoff = Backoff(rng=FixedRandom(0.0))  # the shortest delays jitter allows
     delays = []
     for _ in range(10):
-        backoff.session_ended(0.05)
-        delays.append(backoff.next_delay(FailureKind.SESSION_LOST))
+        backoff.session_ended(0.05, failure)
+        delays.append(backoff.next_delay(failure))
     assert delays == sorted(delays)
     assert delays[-1] == 5.0
     assert sum(delays) >= 30.0  # ten reconnects take at least half a minute
+
+
+def test_a_receiver_that_accepts_and_drops_before_the_welcome_is_not_a_tight_loop() -> None:
+    backoff = Backoff(rng=FixedRandom(0.0))
+    # Never welcomed: session_ended is not called, every failure escalates.
+    delays = [backoff.next_delay(FailureKind.REFUSED) for _ in range(10)]
+    assert delays == sorted(delays)
+    assert sum(delays) >= 30.0
+
+
+def test_only_the_receiver_going_away_resets_a_short_session() -> None:
+    assert {
+        FailureKind.NOT_LISTENING,
+        FailureKind.REFUSED,
+        FailureKind.SESSION_LOST,
+    } == RECEIVER_GONE
+    assert not RECEIVER_GONE & SLOW_RETRY
 
 
 def test_slow_retry_kinds_are_the_fatal_ish_ones() -> None:
@@ -139,7 +188,8 @@ def test_nonsense_settings_are_refused_by_name(make: Callable[[], Backoff], name
         make()
 
 
-actions = st.sampled_from(FailureKind) | st.floats(0.0, 100.0)
+kinds = st.sampled_from(FailureKind)
+actions = kinds | st.tuples(st.floats(0.0, 100.0), kinds)  # a failure, or a session's end
 
 
 @given(
@@ -150,14 +200,20 @@ actions = st.sampled_from(FailureKind) | st.floats(0.0, 100.0)
     seed=st.integers(0, 2**32),
 )
 def test_any_sequence_keeps_every_delay_within_bounds(
-    steps: list[FailureKind | float], first: float, cap: float, factor: float, seed: int
+    steps: list[FailureKind | tuple[float, FailureKind]],
+    first: float,
+    cap: float,
+    factor: float,
+    seed: int,
 ) -> None:
     backoff = Backoff(first_s=first, cap_s=cap, factor=factor, rng=random.Random(seed))
-    fresh = True  # nothing has escalated since creation or the last healthy session
+    fresh = True  # nothing has escalated since creation or the last reset
     for step in steps:
-        if isinstance(step, float):
-            backoff.session_ended(step)
-            fresh = fresh or step >= backoff.healthy_after_s
+        if isinstance(step, tuple):
+            duration, ended_by = step
+            backoff.session_ended(duration, ended_by)
+            resets = duration >= backoff.healthy_after_s or ended_by in RECEIVER_GONE
+            fresh = fresh or resets
             continue
         delay = backoff.next_delay(step)
         assert min(first, cap) / 2 <= delay <= cap
