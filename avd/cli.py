@@ -37,7 +37,7 @@ from avd.metrics import ReceiverMetrics, RecorderCollector, SenderMetrics, serve
 from avd.systemd import Notifier
 
 if TYPE_CHECKING:
-    from avd.media.recorder import Recorder
+    from avd.media.recorder_process import RecorderProcess
 
 EX_CONFIG = 78
 log = logging.getLogger("avd")
@@ -110,10 +110,14 @@ def _serve_metrics(
 # ---- receiver ---------------------------------------------------------------------------
 
 
-def build_recorder(settings: ReceiverSettings, on_done: OnDone | None) -> Recorder | None:
+def build_recorder(
+    settings: ReceiverSettings,
+    on_done: OnDone | None,
+    on_failure: Callable[[str], None] | None = None,
+) -> RecorderProcess | None:
     if settings.record_dir is None:
         return None
-    from avd.media.recorder import Recorder  # noqa: PLC0415 - PyAV loads slowly
+    from avd.media.recorder_process import RecorderConfig, RecorderProcess  # noqa: PLC0415
     from avd.media.retention import RetentionPolicy  # noqa: PLC0415
 
     gb = 1024**3
@@ -122,12 +126,15 @@ def build_recorder(settings: ReceiverSettings, on_done: OnDone | None) -> Record
         max_total_bytes=int(settings.record_max_gb * gb) if settings.record_max_gb else None,
         min_free_bytes=int(settings.min_free_gb * gb) if settings.min_free_gb else None,
     )
-    return Recorder(
+    config = RecorderConfig(
         settings.record_dir,
         segment_seconds=settings.segment_seconds,
         retention=policy,
-        on_done=on_done,
+        buffer_bytes=settings.record_buffer_mb * 1024 * 1024,
+        log_format=settings.log_format,
+        log_level=settings.log_level,
     )
+    return RecorderProcess(config, on_done=on_done, on_failure=on_failure)
 
 
 def build_speaker(settings: ReceiverSettings) -> MediaSink | None:
@@ -163,14 +170,22 @@ async def run_receiver(settings: ReceiverSettings) -> int:
         with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
             loop.call_soon_threadsafe(receivers[0].frames_done, list(batch))
 
-    recorder = build_recorder(settings, on_done=recorded)
+    failures: list[str] = []
+
+    def recorder_failed(message: str) -> None:
+        # From the recorder's reader thread: the daemon stops with 1 and systemd restarts it.
+        failures.append(message)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(stop.set)
+
+    stop = asyncio.Event()
+    recorder = build_recorder(settings, on_done=recorded, on_failure=recorder_failed)
     speaker = build_speaker(settings)
     sink = FanoutSink([s for s in (recorder, speaker) if s is not None])
     receiver = Receiver(settings, sink, metrics, acks_after_recording=recorder is not None)
     receivers.append(receiver)
     if recorder is not None:
         metrics.registry.register(RecorderCollector(recorder.stats))
-    stop = asyncio.Event()
     install_signal_handlers(stop, on_reload=receiver.reload_tokens)
     notifier = Notifier.from_env()
     listening = await receiver.start()
@@ -195,6 +210,9 @@ async def run_receiver(settings: ReceiverSettings) -> int:
     await asyncio.to_thread(sink.close)
     if stop_metrics is not None:
         stop_metrics()
+    if failures:
+        log.error("avd-receiver stopped: %s (senders keep what was not recorded)", failures[0])
+        return 1
     log.info("avd-receiver stopped")
     return 0
 

@@ -122,6 +122,11 @@ class ReceiverSettings(CommonSettings):
     min_free_gb: Annotated[float, Field(ge=0)] | None = Field(
         1.0, description="keep at least this many GB free on the recordings file system"
     )
+    record_buffer_mb: Annotated[int, Field(ge=8, le=65536)] = Field(
+        256,
+        description="MB of media that may wait for the recorder (cameras starting at once, "
+        "a slow disk) before frames are left out of the recordings",
+    )
     playback: str = Field(
         "default", description="speaker: none, default, or a device index or name substring"
     )

@@ -191,16 +191,19 @@ def test_late_frames_join_the_live_segment_only_after_everything_in_it(tmp_path:
     assert [data for _, _, data in demux(backfill)] == [jpeg(1), jpeg(4)]
 
 
-def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bound", ["frames", "bytes"])
+def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path, bound: str) -> None:
     release = threading.Event()
 
     def hold_writer(_: ClosedSegment) -> None:
         release.wait(30)
 
+    three = sum(len(jpeg(i)) for i in range(1, 4))  # frames 1 to 3 fit, 4 does not
     recorder = Recorder(
         tmp_path,
         retention=NO_RETENTION,
-        queue_frames=3,
+        queue_frames=3 if bound == "frames" else 1000,
+        queue_bytes=three if bound == "bytes" else None,
         interleave_grace=0.05,
         on_segment_closed=hold_writer,
     )

@@ -74,11 +74,11 @@ def _run_daemons(
     probe = start_receiver(ws, ws.root / "probe-recordings", probe=rows_path)
     daemon = start_receiver(ws, record_dir)
     time.sleep(1.0)  # the daemon is idle from here to the CPU run
-    idle = procstat.CpuMeter(daemon.child.pid)
+    idle = procstat.CpuMeter(daemon.child.pid, tree=True)
     progress(f"latency: avd-sender, 640x480 20 fps and a tone, {plan.window_s:g} s...")
     window = latency_phase(ws, probe, plan)
     progress(f"throughput: one unthrottled stream, {plan.throughput_s:g} s...")
-    meters = procstat.CpuMeter(os.getpid()), procstat.CpuMeter(probe.child.pid)
+    meters = procstat.CpuMeter(os.getpid()), procstat.CpuMeter(probe.child.pid, tree=True)
     fast_window = asyncio.run(unthrottled_stream(ws, probe, plan.throughput_s))
     sides = [m.percent() for m in meters]
     idle_cpu = idle.percent()
@@ -91,7 +91,7 @@ def _run_daemons(
     daemon, reconnects = reconnect_phase(ws, daemon, record_dir, plan.reconnect_tries)
     sender.stop()
     time.sleep(0.5)  # the session has ended: the baseline holds no sender
-    baseline = procstat.rss_bytes(daemon.child.pid)
+    baseline = procstat.rss_bytes(daemon.child.pid, tree=True)
     steps = ramp(ws, daemon, plan, record_dir)
     daemon.child.stop()
     passed = [s for s in steps if s.passed]

@@ -142,7 +142,8 @@ def cpu_phase(ws: Workspace, daemon: Receiving, plan: Plan) -> tuple[Child, CpuF
     wait_for_frames(daemon, "bench-cpu", sender)
     time.sleep(1.0)
     before = scrape(daemon.url)
-    receiver_cpu, sender_cpu = procstat.CpuMeter(daemon.child.pid), procstat.CpuMeter(sender.pid)
+    receiver_cpu = procstat.CpuMeter(daemon.child.pid, tree=True)  # with its recorder
+    sender_cpu = procstat.CpuMeter(sender.pid)
     time.sleep(plan.cpu_s)
     figures = CpuFigures(sender_cpu.percent(), receiver_cpu.percent(), None, None)
     buckets = latency_buckets(before, scrape(daemon.url), "video")

@@ -125,11 +125,11 @@ def run_step(ws: Workspace, daemon: Receiving, n: int, plan: Plan, record_dir: P
                 step.problems.append(f"{match.group(1)} senders could not connect")
         time.sleep(1.0)  # every session past its first heartbeat: latency is measured
         start = scrape(daemon.url)
-        meters = [procstat.CpuMeter(c.pid) for c in (daemon.child, *generators)]
+        meters = [procstat.CpuMeter(c.pid, tree=True) for c in (daemon.child, *generators)]
         time.sleep(plan.step_s)
         cpu = [m.percent() for m in meters]
         end, elapsed = scrape(daemon.url), meters[0].elapsed_s
-        step.rss_bytes = procstat.rss_bytes(daemon.child.pid)
+        step.rss_bytes = procstat.rss_bytes(daemon.child.pid, tree=True)
     finally:
         reports = [finish_loadgen(g) for g in generators]
     step.receiver_cpu_pct, step.loadgen_cpu_pct = cpu[0], sum(cpu[1:])

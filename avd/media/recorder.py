@@ -2,8 +2,10 @@
 
 Threading: the ``MediaSink`` methods run on the receiver's event loop and never touch the
 disk; they hand events to ONE writer thread through a queue bounded at ``queue_frames``
-frames (a frame that finds it full is dropped and counted as ``dropped``; start/end events
-are never dropped). The writer thread owns every file: segments, latest.jpg, retention.
+frames and ``queue_bytes`` of media (a frame that finds it full is dropped and counted as
+``dropped``; start/end events are never dropped). The writer thread owns every file:
+segments, latest.jpg, retention. The daemons run all of this in a child process of its own
+(``avd.media.recorder_process``), away from the event loop's GIL.
 What becomes of each frame, per sender, is ``avd.media.recording``'s business: live and
 backfill segments (``avd.media.chain``), duplicates (``avd.media.recorded_index``), pauses.
 A sender's first stream in this process makes the writer read what it recorded in the last
@@ -37,9 +39,9 @@ from typing import Literal
 
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings
-from avd.media.done import FrameDone, OnDone, Overflow
+from avd.media.done import FrameDone, OnDone, Overflow, RecorderStats
 from avd.media.latest import LatestJpeg
-from avd.media.recording import RecorderStats, RecordingSettings, SenderRecording
+from avd.media.recording import RecordingSettings, SenderRecording
 from avd.media.retention import RetentionPolicy, enforce
 from avd.media.segment import ClosedSegment
 
@@ -75,6 +77,7 @@ class Recorder:
         segment_seconds: float = 60.0,
         retention: RetentionPolicy,
         queue_frames: int = 2000,
+        queue_bytes: int | None = None,
         interleave_grace: float = 1.0,
         retry_seconds: float = 5.0,
         retention_seconds: float = 30.0,
@@ -106,6 +109,8 @@ class Recorder:
         self._latest = LatestJpeg(record_dir, interval=latest_seconds)
         self._queue: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         self._queue_frames = queue_frames
+        self._queue_bytes = queue_bytes if queue_bytes is not None else 1 << 62
+        self._queued_bytes = 0
         self._lock = threading.Lock()  # guards the four fields below and the senders dict
         self._queued_frames = 0
         self._dropped: dict[str, int] = {}
@@ -124,11 +129,16 @@ class Recorder:
         with self._lock:
             if self._closed:
                 return
-            if self._queued_frames >= self._queue_frames:
+            size = len(frame.data)
+            if (
+                self._queued_frames >= self._queue_frames
+                or self._queued_bytes + size > self._queue_bytes
+            ):
                 self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
                 self._overflow.add(info.sender_id, info.kind, frame.seq)
                 return
             self._queued_frames += 1
+            self._queued_bytes += size
         self._queue.put(_Event("frame", info, frame))
 
     def stream_ended(self, info: StreamInfo) -> None:
@@ -227,8 +237,10 @@ class Recorder:
 
     def _handle(self, event: _Event) -> None:
         if event.kind == "frame":
+            assert event.frame is not None
             with self._lock:
                 self._queued_frames -= 1
+                self._queued_bytes -= len(event.frame.data)
         assert event.info is not None
         info, now = event.info, time.monotonic()
         sender = self._sender(info.sender_id)

@@ -25,37 +25,12 @@ from typing import Literal
 
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings, Done, SegmentChain
+from avd.media.done import RecorderStats
 from avd.media.interleave import Held, WallClock
 from avd.media.naming import check_path_component
 from avd.media.recorded_index import RecordedIndex
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RecorderStats:
-    """Counters of one sender (a snapshot when returned by ``Recorder.stats``).
-
-    Every frame offered ends up in exactly one of: ``video_frames``/``audio_chunks``
-    (written), ``duplicates``, or ``given_up`` (the sum of the four reasons below it).
-    """
-
-    video_frames: int = 0  # written to segments (live and backfill)
-    audio_chunks: int = 0
-    bytes: int = 0  # media payload written
-    segments_opened: int = 0  # live and backfill
-    backfill_segments: int = 0
-    late_recorded: int = 0  # late frames written (included in video_frames/audio_chunks)
-    duplicates: int = 0  # already recorded: not written again
-    dropped: int = 0  # the writer's queue was full
-    not_recorded: int = 0  # paused, unusable sender id, refused format, lost at a failed close
-    late_dropped: int = 0  # late frames no segment could take
-    out_of_order: int = 0  # live frames not after the previous frame of their stream
-    paused: bool = False
-
-    @property
-    def given_up(self) -> int:
-        return self.dropped + self.not_recorded + self.late_dropped + self.out_of_order
 
 
 @dataclass(frozen=True, slots=True)

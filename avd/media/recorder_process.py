@@ -1,0 +1,468 @@
+"""The receiver's recorder in a process of its own: ``RecorderProcess``, and the child's main.
+
+Why a process: muxing, the cluster scanner and latest.jpg cost 30-80 µs of Python a frame.
+As a thread of the receiver they held the GIL the event loop needed for TLS and the protocol,
+and each time the loop waited for it, it could wait a whole switch interval (5 ms): at 150
+senders `avd bench` measured a p99 arrival latency of 96 ms and a writer too far behind to
+record every frame. In a child process the recorder has an interpreter and a core to itself.
+
+Parent side, ``RecorderProcess`` (a ``MediaSink``, called on the event loop): each frame is
+packed (``avd.media.recorder_wire``) and queued; one flush per loop iteration hands the whole
+batch to the kernel with ``sendmsg`` (never blocking: a full socket resumes through
+``add_writer``). Frames beyond ``max_pending_bytes`` are dropped and reported done, as the
+recorder does when its own queue is full. A reader thread takes the child's reports: DONE
+batches go to ``on_done`` (so acknowledgements still mean "in a file"), STATS snapshots
+answer ``stats()``.
+
+Failure: if the child exits while the receiver runs, the error is logged and ``on_failure``
+called; the daemon then stops with exit code 1 and systemd starts it again. Frames the child
+had not finished were never acknowledged, so the senders still hold them and send them
+again, and the new recorder skips those already in a file (its dedupe index).
+
+Shutdown: the child ignores SIGTERM and SIGINT, which systemd sends to the whole cgroup and a
+terminal to the whole process group. It stops when the parent sends STOP, or when its socket
+closes because the parent died (even by SIGKILL), each time after writing out what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from avd.media import recorder_wire as wire
+from avd.media.base import ReceivedFrame, StreamInfo
+from avd.media.done import OnDone, Overflow, RecorderStats
+from avd.media.recorder_wire import Kind
+from avd.media.retention import RetentionPolicy
+
+if TYPE_CHECKING:
+    from avd.media.recorder import Recorder
+
+log = logging.getLogger("avd.media.recorder")
+
+_SOCKET_BUFFER = 4 * 1024 * 1024  # ~170 frames in the kernel: a child busy for a moment
+_IOV_MAX = 1024  # Linux's limit on the buffers of one sendmsg
+_READ_SIZE = 1024 * 1024
+_STATS_SECONDS = 0.25  # how often the child sends its counters (when they changed)
+_CLOSE_TIMEOUT = 30.0  # seconds close() waits for the child (a hung NFS mount, say)
+# Only the daemon itself talks to systemd; its child must not (NotifyAccess=main anyway).
+_PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+@dataclass(frozen=True)
+class RecorderConfig:
+    """What the child needs to build its ``Recorder`` and its logging (sent as JSON)."""
+
+    record_dir: Path
+    segment_seconds: float = 60.0
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    buffer_bytes: int = 256 * 1024 * 1024  # AVD_RECORD_BUFFER_MB: the recorder's queue
+    log_role: str = "avd-receiver"
+    log_format: str = "auto"
+    log_level: str = "INFO"
+
+    def to_json(self) -> str:
+        fields = asdict(self)
+        fields["record_dir"] = str(self.record_dir)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> RecorderConfig:
+        fields = json.loads(text)
+        fields["record_dir"] = Path(fields["record_dir"])
+        fields["retention"] = RetentionPolicy(**fields["retention"])
+        fields["buffer_bytes"] = int(fields["buffer_bytes"])
+        return cls(**fields)
+
+
+class RecorderProcess:
+    """The recording ``MediaSink``: a ``Recorder`` in a child process. See the module doc.
+
+    ``on_done`` is called on a reader thread, as ``Recorder``'s on its writer thread, and for
+    frames dropped here on the event loop's; it must be quick and thread-safe.
+    ``on_failure(message)`` is called once, on the reader thread, if the child exits unasked.
+    """
+
+    def __init__(
+        self,
+        config: RecorderConfig,
+        *,
+        on_done: OnDone | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        max_pending_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.record_dir = config.record_dir
+        self._on_done, self._on_failure = on_done, on_failure
+        self._max_pending = max_pending_bytes
+        self._to_child, child_in = socket.socketpair()
+        child_out, self._from_child = socket.socketpair()
+        with contextlib.suppress(OSError):  # capped by net.core.wmem_max: fine either way
+            self._to_child.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        fds = (child_in.fileno(), child_out.fileno())
+        env = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY_ENV}
+        command = [sys.executable, "-m", __name__, *map(str, fds), config.to_json()]
+        try:
+            self._child = subprocess.Popen(
+                command, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env
+            )
+        finally:
+            child_in.close()
+            child_out.close()
+        self._to_child.setblocking(False)
+        self._lock = threading.Lock()  # guards everything below; the loop and the reader share
+        self._pending: deque[bytes | memoryview] = deque()
+        self._pending_bytes = 0
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer_registered = False
+        self._overflow = Overflow()
+        self._dropped: dict[str, int] = {}
+        self._stats: dict[str, RecorderStats] = {}
+        self._closing = self._broken = False
+        self._ready = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read_reports, name="avd-recorder-reports", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the child's recorder is up (it imports PyAV: a fraction of a second)."""
+        return self._ready.wait(timeout)
+
+    # --- the MediaSink side: on the event loop, never blocking -----------------------------
+
+    def stream_started(self, info: StreamInfo) -> None:
+        self._queue(wire.start(info))
+
+    def frame(self, info: StreamInfo, frame: ReceivedFrame) -> None:
+        size = len(frame.data)
+        with self._lock:
+            if self._closing or self._broken:
+                return
+            if self._pending_bytes + size > self._max_pending:
+                self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
+                self._overflow.add(info.sender_id, info.kind, frame.seq)
+            else:
+                header = wire.frame_header(info.session_id, frame)
+                self._pending += (header, frame.data)
+                self._pending_bytes += len(header) + size
+        self._kick()
+
+    def stream_ended(self, info: StreamInfo) -> None:
+        self._queue(wire.end(info.session_id))
+
+    def _queue(self, message: bytes) -> None:
+        """Start and end are never dropped: they are small, and the child needs them."""
+        with self._lock:
+            if self._closing or self._broken:
+                return
+            self._pending.append(message)
+            self._pending_bytes += len(message)
+        self._kick()
+
+    def _kick(self) -> None:
+        """One flush per loop iteration, whatever the number of frames that came in it."""
+        with self._lock:
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside a loop (a script, a test): send right away
+            self._send_blocking()
+            return
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            if not self._closing:
+                self._send_some()
+            waiting = bool(self._pending) and not self._closing and not self._broken
+            self._flush_scheduled = waiting  # the writer callback below will flush
+            overflow = self._overflow.take()
+        self._watch_writable(waiting)
+        if overflow:
+            self._report(overflow)
+
+    def _watch_writable(self, waiting: bool) -> None:
+        loop = self._loop
+        if loop is None or waiting == self._writer_registered:
+            return
+        if waiting:
+            loop.add_writer(self._to_child, self._flush)
+        else:
+            loop.remove_writer(self._to_child)
+        self._writer_registered = waiting
+
+    def _send_some(self) -> None:
+        """Send what the socket takes now (lock held)."""
+        while self._pending:
+            try:
+                sent = self._to_child.sendmsg(list(itertools.islice(self._pending, _IOV_MAX)))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # the child is gone: the reader thread reports it
+                self._broken = True
+                self._pending.clear()
+                self._pending_bytes = 0
+                log.debug("recorder: sending to the recording process failed: %s", exc)
+                return
+            self._consume(sent)
+
+    def _consume(self, sent: int) -> None:
+        self._pending_bytes -= sent
+        while sent:
+            head = self._pending[0]
+            if len(head) <= sent:
+                sent -= len(head)
+                self._pending.popleft()
+            else:
+                self._pending[0] = memoryview(head)[sent:]
+                sent = 0
+
+    def _send_blocking(self, extra: bytes = b"") -> None:
+        """Send everything queued (and ``extra``), waiting for the socket if need be."""
+        with self._lock:
+            self._flush_scheduled = False
+            buffers, self._pending = list(self._pending), deque()
+            self._pending_bytes = 0
+            overflow = self._overflow.take()
+            broken = self._broken
+        if not broken:
+            try:
+                self._to_child.settimeout(_CLOSE_TIMEOUT)
+                for buffer in [*buffers, extra]:
+                    self._to_child.sendall(buffer)
+            except OSError as exc:
+                log.debug("recorder: sending to the recording process failed: %s", exc)
+            finally:
+                self._to_child.setblocking(False)
+        if overflow:
+            self._report(overflow)
+
+    def close(self) -> None:
+        """Send what is queued and STOP, then wait for the child to write it out and exit.
+
+        Waits for the disk (usually milliseconds): call it at shutdown, or through
+        ``asyncio.to_thread`` from a loop that must stay live.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._stop_watching()
+        self._send_blocking(wire.message(Kind.STOP))
+        try:
+            self._child.wait(_CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "recorder: writes to %s still blocked after %g s; killing the recording process",
+                self.record_dir,
+                _CLOSE_TIMEOUT,
+            )
+            self._child.kill()
+        self._reader.join(_CLOSE_TIMEOUT)
+        self._to_child.close()
+        self._from_child.close()
+
+    def _stop_watching(self) -> None:
+        """Unregister the socket from the loop before it is closed (on the loop's thread)."""
+        loop = self._loop
+        if loop is None or not self._writer_registered or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._watch_writable(False)
+            return
+        done = threading.Event()
+
+        def unregister() -> None:
+            self._watch_writable(False)
+            done.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(unregister)
+            done.wait(1.0)
+
+    # --- the child's reports, on the reader thread -----------------------------------------
+
+    def stats(self) -> dict[str, RecorderStats]:
+        """The child's latest counters (at most ``_STATS_SECONDS`` old), plus drops here."""
+        with self._lock:
+            stats, dropped = dict(self._stats), dict(self._dropped)
+        merged = {
+            sid: replace(s, dropped=s.dropped + dropped.get(sid, 0)) for sid, s in stats.items()
+        }
+        for sid, count in dropped.items():
+            merged.setdefault(sid, RecorderStats(dropped=count))
+        return merged
+
+    def _read_reports(self) -> None:
+        reader = wire.MessageReader()
+        try:
+            while data := self._from_child.recv(_READ_SIZE):
+                for kind, body in reader.feed(data):
+                    self._on_report(kind, body)
+        except (OSError, wire.WireError) as exc:
+            log.error("recorder: cannot read the recording process's reports: %s", exc)
+        code = self._child.wait()
+        with self._lock:
+            unasked, self._broken = not self._closing, True
+        if unasked:
+            message = f"the recording process (pid {self._child.pid}) exited with code {code}"
+            log.error("recorder: %s", message)
+            if self._on_failure is not None:
+                self._on_failure(message)
+
+    def _on_report(self, kind: Kind, body: bytes) -> None:
+        if kind is Kind.DONE:
+            self._report(wire.unpickle(body))
+        elif kind is Kind.STATS:
+            stats = {sid: RecorderStats(**fields) for sid, fields in wire.unpickle(body).items()}
+            with self._lock:
+                self._stats = stats
+        elif kind is Kind.READY:
+            self._ready.set()
+        else:
+            raise wire.WireError(f"unexpected {kind.name} from the recording process")
+
+    def _report(self, batch: Sequence[Any]) -> None:
+        if batch and self._on_done is not None:
+            try:
+                self._on_done(batch)
+            except Exception:
+                log.exception("recorder: on_done callback failed")
+
+
+# --- the child ---------------------------------------------------------------------------
+
+
+class _Reports:
+    """The child's side of the reports socket: DONE from the writer thread, STATS from main."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._last_stats: dict[str, dict[str, Any]] | None = None
+        self._next_stats = 0.0
+
+    def send(self, data: bytes) -> None:
+        # OSError: the parent is gone; the main loop sees EOF and finishes up.
+        with self._lock, contextlib.suppress(OSError):
+            self._sock.sendall(data)
+
+    def done(self, batch: Sequence[Any]) -> None:
+        self.send(wire.pickled(Kind.DONE, list(batch)))
+
+    def stats_if_due(self, stats: Callable[[], dict[str, RecorderStats]]) -> None:
+        """Every ``_STATS_SECONDS``: counting is not free with hundreds of senders."""
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + _STATS_SECONDS
+            self.stats(stats())
+
+    def stats(self, stats: dict[str, RecorderStats]) -> None:
+        """Sends the counters if they changed since the last time."""
+        plain = wire.stats_body(stats)
+        if plain != self._last_stats:
+            self._last_stats = plain
+            self.send(wire.pickled(Kind.STATS, plain))
+
+
+def _serve(inbox: socket.socket, recorder: Recorder, reports: _Reports) -> None:
+    """Feed the recorder until STOP or the parent's end of the socket closes."""
+    streams: dict[int, StreamInfo] = {}
+    reader = wire.MessageReader()
+    inbox.settimeout(_STATS_SECONDS)
+    while True:
+        try:
+            data = inbox.recv(_READ_SIZE)
+        except TimeoutError:
+            data = None
+        if data == b"":
+            log.warning("recorder: the receiver went away; closing the recordings")
+            return
+        for kind, body in reader.feed(data or b""):
+            if kind is Kind.STOP:
+                return
+            _dispatch(kind, body, streams, recorder)
+        reports.stats_if_due(recorder.stats)
+
+
+def _dispatch(kind: Kind, body: bytes, streams: dict[int, StreamInfo], recorder: Recorder) -> None:
+    if kind is Kind.FRAME:
+        session_id, frame = wire.parse_frame(body)
+        info = streams.get(session_id)
+        if info is None:
+            raise wire.WireError(f"a frame of session {session_id}, which never started")
+        recorder.frame(info, frame)
+    elif kind is Kind.START:
+        info = wire.unpickle(body)
+        streams[info.session_id] = info
+        recorder.stream_started(info)
+    elif kind is Kind.END:
+        ended = streams.pop(wire.parse_session(body), None)
+        if ended is not None:
+            recorder.stream_ended(ended)
+    else:
+        raise wire.WireError(f"unexpected {kind.name} from the receiver")
+
+
+def child_main(argv: Sequence[str]) -> int:
+    """``python -m avd.media.recorder_process INBOX_FD REPORTS_FD CONFIG_JSON``."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # the parent decides when we stop; see module doc
+    from avd.logs import setup_logging  # noqa: PLC0415
+    from avd.media.recorder import Recorder  # noqa: PLC0415 - PyAV loads slowly
+
+    inbox = socket.socket(fileno=int(argv[0]))
+    reports = _Reports(socket.socket(fileno=int(argv[1])))
+    config = RecorderConfig.from_json(argv[2])
+    setup_logging(role=config.log_role, log_format=config.log_format, level=config.log_level)
+    recorder = Recorder(
+        config.record_dir,
+        segment_seconds=config.segment_seconds,
+        retention=config.retention,
+        # Bounded by bytes, not frames: a burst of a hundred cameras starting at once (each
+        # new segment costs the writer a few ms) must not cost frames, a slow disk neither.
+        queue_frames=1 << 30,
+        queue_bytes=config.buffer_bytes,
+        on_done=reports.done,
+    )
+    reports.send(wire.message(Kind.READY))
+    try:
+        _serve(inbox, recorder, reports)
+    except (OSError, wire.WireError) as exc:
+        log.error("recorder: %s; closing the recordings", exc)
+        return 1
+    finally:
+        recorder.close()
+        reports.stats(recorder.stats())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,235 @@
+"""The recorder in its own process: real child, real files read back with PyAV, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import av
+import pytest
+
+from avd.certs import CertPaths
+from avd.clock import monotonic_us
+from avd.loadgen import camera_like_frames
+from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
+from avd.media.done import FrameDone
+from avd.media.recorder_process import RecorderConfig, RecorderProcess
+from tests.conftest import Credentials, receiver_env, start_receiver, wait_until
+
+VGA = VideoFormat(640, 480, 20, 70)
+INFO = StreamInfo("cam1", StreamKind.VIDEO, VGA, "127.0.0.1:9", 1)
+JPEGS = camera_like_frames(VGA, 4)
+
+
+def _frame(seq: int, start_us: int) -> ReceivedFrame:
+    stamp = start_us + seq * 50_000
+    return ReceivedFrame(seq, stamp, stamp, stamp, JPEGS[seq % len(JPEGS)])
+
+
+def _recorded_packets(folder: Path) -> list[bytes]:
+    packets: list[bytes] = []
+    for path in sorted(folder.rglob("*.mkv")):
+        with av.open(str(path)) as container:
+            packets += [bytes(p) for p in container.demux(video=0) if p.size]
+    return packets
+
+
+class _Done:
+    def __init__(self) -> None:
+        self.seqs: Counter[int] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: Sequence[FrameDone]) -> None:
+        with self.lock:
+            self.seqs.update(seq for _, _, seq in batch)
+
+
+async def _stream(recorder: RecorderProcess, count: int, per_tick: int = 5) -> None:
+    """Frames as a receiver's loop hands them over: a few per loop iteration."""
+    start = monotonic_us()
+    recorder.stream_started(INFO)
+    for seq in range(count):
+        recorder.frame(INFO, _frame(seq, start))
+        if seq % per_tick == per_tick - 1:
+            await asyncio.sleep(0.001)
+    recorder.stream_ended(INFO)
+
+
+def test_frames_reach_the_files_and_each_is_reported_done_once(tmp_path: Path) -> None:
+    done = _Done()
+
+    async def run() -> RecorderProcess:
+        recorder = RecorderProcess(RecorderConfig(tmp_path), on_done=done)
+        await _stream(recorder, 200)
+        await asyncio.to_thread(recorder.close)
+        return recorder
+
+    recorder = asyncio.run(run())
+    assert done.seqs == Counter(range(200))  # every frame, exactly once
+    assert _recorded_packets(tmp_path / "cam1") == [JPEGS[n % 4] for n in range(200)]
+    stats = recorder.stats()["cam1"]
+    assert (stats.video_frames, stats.dropped, stats.given_up) == (200, 0, 0)
+    assert (tmp_path / "cam1" / "latest.jpg").read_bytes() in JPEGS
+
+
+def test_without_an_event_loop_frames_are_sent_at_once(tmp_path: Path) -> None:
+    done = _Done()
+    recorder = RecorderProcess(RecorderConfig(tmp_path), on_done=done)
+    start = monotonic_us()
+    recorder.stream_started(INFO)
+    for seq in range(30):
+        recorder.frame(INFO, _frame(seq, start))
+    recorder.close()
+    assert done.seqs == Counter(range(30))
+    assert len(_recorded_packets(tmp_path / "cam1")) == 30
+
+
+def test_frames_beyond_the_pending_limit_are_dropped_counted_and_reported(
+    tmp_path: Path,
+) -> None:
+    done = _Done()
+
+    async def run() -> RecorderProcess:
+        # Room for one frame at a time: a burst in one loop iteration overflows at once.
+        recorder = RecorderProcess(
+            RecorderConfig(tmp_path), on_done=done, max_pending_bytes=len(max(JPEGS, key=len))
+        )
+        start = monotonic_us()
+        recorder.stream_started(INFO)
+        for seq in range(10):
+            recorder.frame(INFO, _frame(seq, start))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(recorder.close)
+        return recorder
+
+    recorder = asyncio.run(run())
+    stats = recorder.stats()["cam1"]
+    assert stats.video_frames == 1
+    assert stats.dropped == 9
+    assert done.seqs == Counter(range(10))  # dropped ones are done too: acks must not stall
+
+
+def test_the_child_ignores_sigterm_and_stops_when_told(tmp_path: Path) -> None:
+    recorder = RecorderProcess(RecorderConfig(tmp_path))
+    assert recorder.wait_ready(20)
+    os.kill(recorder.pid, signal.SIGTERM)  # as systemd signals the whole cgroup
+    os.kill(recorder.pid, signal.SIGINT)  # as a terminal signals the process group
+    time.sleep(0.3)
+    assert Path(f"/proc/{recorder.pid}").exists()
+    start = monotonic_us()
+    recorder.stream_started(INFO)
+    recorder.frame(INFO, _frame(0, start))
+    recorder.close()
+    assert len(_recorded_packets(tmp_path / "cam1")) == 1
+
+
+def test_a_dead_child_is_reported_once_and_later_frames_are_ignored(tmp_path: Path) -> None:
+    failures: list[str] = []
+    recorder = RecorderProcess(RecorderConfig(tmp_path), on_failure=failures.append)
+    assert recorder.wait_ready(20)
+    os.kill(recorder.pid, signal.SIGKILL)
+    wait_until(lambda: failures, timeout=10)
+    assert failures == [f"the recording process (pid {recorder.pid}) exited with code -9"]
+    recorder.stream_started(INFO)
+    recorder.frame(INFO, _frame(0, monotonic_us()))  # neither raises nor blocks
+    recorder.close()
+    assert failures == [failures[0]]
+
+
+_PARENT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from avd.clock import monotonic_us
+    from avd.media.recorder_process import RecorderConfig, RecorderProcess
+    from tests.test_recorder_process import INFO, _frame
+    recorder = RecorderProcess(RecorderConfig(Path(sys.argv[1])))
+    recorder.wait_ready(20)
+    start = monotonic_us()
+    recorder.stream_started(INFO)
+    for seq in range(40):
+        recorder.frame(INFO, _frame(seq, start))
+    print(recorder.pid, flush=True)
+    time.sleep(60)  # killed before this ends
+    """
+)
+
+
+def test_the_child_writes_out_what_it_holds_when_the_receiver_is_killed(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: no close(), no STOP
+    parent.wait(5)
+    wait_until(lambda: not Path(f"/proc/{child_pid}").exists(), timeout=20)
+    assert not list(tmp_path.rglob("*.part")), "the segment was left unfinished"
+    assert _recorded_packets(tmp_path / "cam1") == [JPEGS[n % 4] for n in range(40)]
+
+
+def test_the_receiver_daemon_exits_1_when_its_recorder_dies(
+    tmp_path: Path, pki: CertPaths, creds: Credentials
+) -> None:
+    env = receiver_env(pki, creds.tokens_file, AVD_RECORD_DIR=str(tmp_path / "rec"))
+    handle = start_receiver(env, tmp_path / "receiver.log")
+    try:
+        children = Path(f"/proc/{handle.daemon.proc.pid}/task/{handle.daemon.proc.pid}/children")
+        wait_until(lambda: children.read_text().split(), timeout=10)
+        (child,) = map(int, children.read_text().split())
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        assert b"avd.media.recorder_process" in cmdline
+        os.kill(child, signal.SIGKILL)
+        assert handle.daemon.proc.wait(15) == 1
+        log = handle.daemon.log_text()
+        assert f"the recording process (pid {child}) exited with code -9" in log
+        assert "avd-receiver stopped:" in log
+    finally:
+        handle.daemon.kill()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_child_logs_to_the_daemons_stderr_in_its_format(
+    tmp_path: Path, log_format: str
+) -> None:
+    not_a_folder = tmp_path / "recordings"
+    not_a_folder.write_text("a file where the recordings folder should be")
+    config = RecorderConfig(not_a_folder, log_format=log_format)
+    script = textwrap.dedent(
+        """
+        import sys
+        from avd.clock import monotonic_us
+        from avd.media.recorder_process import RecorderConfig, RecorderProcess
+        from tests.test_recorder_process import INFO, _frame
+        recorder = RecorderProcess(RecorderConfig.from_json(sys.argv[1]))
+        recorder.stream_started(INFO)
+        recorder.frame(INFO, _frame(0, monotonic_us()))
+        recorder.close()
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, config.to_json()],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    lines = [line for line in run.stderr.splitlines() if "cam1" in line]
+    assert lines, run.stderr
+    if log_format == "json":
+        assert all(line.startswith("{") for line in lines), lines
+    else:
+        assert all(" avd.media." in line for line in lines), lines
