@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,16 @@ def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None
     assert codec.decode_fps > 0
     assert codec.floor_ms == pytest.approx(1000 / codec.encode_fps + 1000 / codec.decode_fps)
     assert 10_000 < codec.jpeg_bytes < 60_000  # a camera-like picture, not a flat one
+    assert codec.paced_p50_ms == codec.paced_p99_ms == 0.0  # not asked for
+
+
+def test_the_paced_codec_times_one_encode_and_decode_per_frame() -> None:
+    started = time.monotonic()
+    codec = measure_codec(10, paced=6)
+    assert time.monotonic() - started >= 6 / 20  # one pair every 50 ms
+    assert 0 < codec.paced_p50_ms <= codec.paced_p99_ms
+    tight_pair_ms = codec.floor_ms
+    assert codec.paced_p50_ms > tight_pair_ms / 4  # it did encode and decode a real frame
 
 
 def test_bandwidth_grows_with_the_setting_and_audio_is_exact() -> None:

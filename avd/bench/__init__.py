@@ -51,7 +51,7 @@ __all__ = ["main"]
 def run(plan: Plan, root: Path) -> Outcome:
     load_before = os.getloadavg()
     progress("JPEG encode and decode of the 640x480 q70 test pattern...")
-    codec = measure_codec(plan.codec_frames)
+    codec = measure_codec(plan.codec_frames, plan.paced_codec_frames)
     bandwidth = bandwidth_rows()
     ws = make_workspace(root, max(plan.steps))
     try:
@@ -111,6 +111,8 @@ def _run_daemons(
         "reconnect_s": max(reconnects),
         "receiver_rss_per_sender_mb": (best.rss_bytes - baseline) / best.senders / MIB,
     }
+    measured["paced_codec_p50_ms"] = codec.paced_p50_ms
+    measured["paced_codec_p99_ms"] = codec.paced_p99_ms
     return Outcome(figures, measured, cpu, reconnects, steps, bandwidth)
 
 

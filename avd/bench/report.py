@@ -70,7 +70,9 @@ ROWS = (  # key, label, format of the value with its unit
 NOTES = """\
 What was measured:
   JPEG         cv2 encode and decode of the sender's camera-like test pattern, in this process
-               (median of 3 runs); floor = one encode + one decode, per frame.
+               (median of 3 runs); floor = one encode + one decode, per frame, in a tight loop.
+               The same pair once every 50 ms, as a 20 fps stream runs them, takes p50
+               {paced50:.2f} ms and p99 {paced99:.2f} ms: the codec alone, before any transport.
   latency      avd-sender (test pattern 640x480 20 fps q70, capture stamped before encode) ->
                TLS -> the receiver's code (avd.receiver with its recorder) -> decoded there with
                cv2.imdecode on arrival: capture stamp to decoded, exact per frame ({frames} frames;
@@ -85,7 +87,8 @@ What was measured:
                chunk's stamp, which the tone source gives the instant the chunk is complete, so
                the chunk's own 23.2 ms is not in the figure.
   CPU          /proc/<pid>/stat of the avd-sender process (video only, test pattern: drawing a
-               frame ~0.2 ms is in it) and of the avd-receiver daemon with that one stream;
+               frame ~0.2 ms is in it) and of the avd-receiver daemon with that one stream
+               (receiver figures always include its recording process);
                idle: the daemon with no sender, recording on, during the latency and
                throughput runs (which go to the probe receiver).
   reconnection avd-receiver killed with SIGKILL and started again on the same ports: its
@@ -96,7 +99,7 @@ What was measured:
                frame counted, none rejected, none missing from the recordings, at least 95 %
                of N x 20 frames/s received and p99 capture-to-arrival under 50 ms (the daemon's
                histogram has a 50 ms bucket boundary). Memory: VmRSS growth over the idle
-               daemon, divided by N, at the largest step that passed."""
+               daemon (both its processes), divided by N, at the largest step that passed."""
 
 
 def render(o: Outcome, plan: Plan, seconds: float) -> str:
@@ -120,6 +123,7 @@ def render(o: Outcome, plan: Plan, seconds: float) -> str:
         hist99=format_ms(c.histogram_p99_ms), chunks=int(p["chunks"]), tries=len(o.reconnects),
         tries_s=", ".join(f"{t:.2f}" for t in o.reconnects),
         tput_tx=p["sender_side_cpu_pct"], tput_rx=p["receiver_side_cpu_pct"],
+        paced50=p.get("paced_codec_p50_ms", 0.0), paced99=p.get("paced_codec_p99_ms", 0.0),
     )]  # fmt: skip
     lines += ["", _steps_table(o.steps), "", _bandwidth_table(o.bandwidth)]
     return "\n".join(lines)
