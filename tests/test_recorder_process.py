@@ -190,7 +190,7 @@ def test_the_receiver_daemon_exits_1_when_its_recorder_dies(
         wait_until(lambda: children.read_text().split(), timeout=10)
         (child,) = map(int, children.read_text().split())
         cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        assert b"avd.media.recorder_process" in cmdline
+        assert b"avd.media.recorder_child" in cmdline
         os.kill(child, signal.SIGKILL)
         assert handle.daemon.proc.wait(15) == 1
         log = handle.daemon.log_text()

@@ -5,7 +5,7 @@ disk; they hand events to ONE writer thread through a queue bounded at ``queue_f
 frames and ``queue_bytes`` of media (a frame that finds it full is dropped and counted as
 ``dropped``; start/end events are never dropped). The writer thread owns every file:
 segments, latest.jpg, retention. The daemons run all of this in a child process of its own
-(``avd.media.recorder_process``), away from the event loop's GIL.
+(``avd.media.recorder_process`` and ``recorder_child``), away from the event loop's GIL.
 What becomes of each frame, per sender, is ``avd.media.recording``'s business: live and
 backfill segments (``avd.media.chain``), duplicates (``avd.media.recorded_index``), pauses.
 A sender's first stream in this process makes the writer read what it recorded in the last

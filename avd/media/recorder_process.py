@@ -1,4 +1,4 @@
-"""The receiver's recorder in a process of its own: ``RecorderProcess``, and the child's main.
+"""The receiver's recorder in a process of its own: ``RecorderProcess``, the parent's side.
 
 Why a process: muxing, the cluster scanner and latest.jpg cost 30-80 µs of Python a frame.
 As a thread of the receiver they held the GIL the event loop needed for TLS and the protocol,
@@ -19,9 +19,10 @@ called; the daemon then stops with exit code 1 and systemd starts it again. Fram
 had not finished were never acknowledged, so the senders still hold them and send them
 again, and the new recorder skips those already in a file (its dedupe index).
 
-Shutdown: the child ignores SIGTERM and SIGINT, which systemd sends to the whole cgroup and a
-terminal to the whole process group. It stops when the parent sends STOP, or when its socket
-closes because the parent died (even by SIGKILL), each time after writing out what it holds.
+The child is ``avd.media.recorder_child``. Shutdown: it ignores SIGTERM and SIGINT, which
+systemd sends to the whole cgroup and a terminal to the whole process group. It stops when
+the parent sends STOP, or when its socket closes because the parent died (even by SIGKILL),
+each time after writing out what it holds.
 """
 
 from __future__ import annotations
@@ -32,17 +33,15 @@ import itertools
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from avd.media import recorder_wire as wire
 from avd.media.base import ReceivedFrame, StreamInfo
@@ -50,15 +49,12 @@ from avd.media.done import OnDone, Overflow, RecorderStats
 from avd.media.recorder_wire import Kind
 from avd.media.retention import RetentionPolicy
 
-if TYPE_CHECKING:
-    from avd.media.recorder import Recorder
-
 log = logging.getLogger("avd.media.recorder")
 
+_CHILD_MODULE = "avd.media.recorder_child"
 _SOCKET_BUFFER = 4 * 1024 * 1024  # ~170 frames in the kernel: a child busy for a moment
 _IOV_MAX = 1024  # Linux's limit on the buffers of one sendmsg
 _READ_SIZE = 1024 * 1024
-_STATS_SECONDS = 0.25  # how often the child sends its counters (when they changed)
 _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the child (a hung NFS mount, say)
 # Only the daemon itself talks to systemd; its child must not (NotifyAccess=main anyway).
 _PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -115,7 +111,7 @@ class RecorderProcess:
             self._to_child.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         fds = (child_in.fileno(), child_out.fileno())
         env = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY_ENV}
-        command = [sys.executable, "-m", __name__, *map(str, fds), config.to_json()]
+        command = [sys.executable, "-m", _CHILD_MODULE, *map(str, fds), config.to_json()]
         try:
             self._child = subprocess.Popen(
                 command, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env
@@ -355,114 +351,3 @@ class RecorderProcess:
                 self._on_done(batch)
             except Exception:
                 log.exception("recorder: on_done callback failed")
-
-
-# --- the child ---------------------------------------------------------------------------
-
-
-class _Reports:
-    """The child's side of the reports socket: DONE from the writer thread, STATS from main."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._lock = threading.Lock()
-        self._last_stats: dict[str, dict[str, Any]] | None = None
-        self._next_stats = 0.0
-
-    def send(self, data: bytes) -> None:
-        # OSError: the parent is gone; the main loop sees EOF and finishes up.
-        with self._lock, contextlib.suppress(OSError):
-            self._sock.sendall(data)
-
-    def done(self, batch: Sequence[Any]) -> None:
-        self.send(wire.pickled(Kind.DONE, list(batch)))
-
-    def stats_if_due(self, stats: Callable[[], dict[str, RecorderStats]]) -> None:
-        """Every ``_STATS_SECONDS``: counting is not free with hundreds of senders."""
-        now = time.monotonic()
-        if now >= self._next_stats:
-            self._next_stats = now + _STATS_SECONDS
-            self.stats(stats())
-
-    def stats(self, stats: dict[str, RecorderStats]) -> None:
-        """Sends the counters if they changed since the last time."""
-        plain = wire.stats_body(stats)
-        if plain != self._last_stats:
-            self._last_stats = plain
-            self.send(wire.pickled(Kind.STATS, plain))
-
-
-def _serve(inbox: socket.socket, recorder: Recorder, reports: _Reports) -> None:
-    """Feed the recorder until STOP or the parent's end of the socket closes."""
-    streams: dict[int, StreamInfo] = {}
-    reader = wire.MessageReader()
-    inbox.settimeout(_STATS_SECONDS)
-    while True:
-        try:
-            data = inbox.recv(_READ_SIZE)
-        except TimeoutError:
-            data = None
-        if data == b"":
-            log.warning("recorder: the receiver went away; closing the recordings")
-            return
-        for kind, body in reader.feed(data or b""):
-            if kind is Kind.STOP:
-                return
-            _dispatch(kind, body, streams, recorder)
-        reports.stats_if_due(recorder.stats)
-
-
-def _dispatch(kind: Kind, body: bytes, streams: dict[int, StreamInfo], recorder: Recorder) -> None:
-    if kind is Kind.FRAME:
-        session_id, frame = wire.parse_frame(body)
-        info = streams.get(session_id)
-        if info is None:
-            raise wire.WireError(f"a frame of session {session_id}, which never started")
-        recorder.frame(info, frame)
-    elif kind is Kind.START:
-        info = wire.unpickle(body)
-        streams[info.session_id] = info
-        recorder.stream_started(info)
-    elif kind is Kind.END:
-        ended = streams.pop(wire.parse_session(body), None)
-        if ended is not None:
-            recorder.stream_ended(ended)
-    else:
-        raise wire.WireError(f"unexpected {kind.name} from the receiver")
-
-
-def child_main(argv: Sequence[str]) -> int:
-    """``python -m avd.media.recorder_process INBOX_FD REPORTS_FD CONFIG_JSON``."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)  # the parent decides when we stop; see module doc
-    from avd.logs import setup_logging  # noqa: PLC0415
-    from avd.media.recorder import Recorder  # noqa: PLC0415 - PyAV loads slowly
-
-    inbox = socket.socket(fileno=int(argv[0]))
-    reports = _Reports(socket.socket(fileno=int(argv[1])))
-    config = RecorderConfig.from_json(argv[2])
-    setup_logging(role=config.log_role, log_format=config.log_format, level=config.log_level)
-    recorder = Recorder(
-        config.record_dir,
-        segment_seconds=config.segment_seconds,
-        retention=config.retention,
-        # Bounded by bytes, not frames: a burst of a hundred cameras starting at once (each
-        # new segment costs the writer a few ms) must not cost frames, a slow disk neither.
-        queue_frames=1 << 30,
-        queue_bytes=config.buffer_bytes,
-        on_done=reports.done,
-    )
-    reports.send(wire.message(Kind.READY))
-    try:
-        _serve(inbox, recorder, reports)
-    except (OSError, wire.WireError) as exc:
-        log.error("recorder: %s; closing the recordings", exc)
-        return 1
-    finally:
-        recorder.close()
-        reports.stats(recorder.stats())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:]))
