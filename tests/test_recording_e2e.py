@@ -237,6 +237,20 @@ def _start(
     return handle
 
 
+def _start_recording_in_2s_segments(
+    daemons: list[Daemon], pki: CertPaths, creds: Credentials, tmp_path: Path, record_dir: Path
+) -> ReceiverHandle:
+    return _start(
+        daemons,
+        pki,
+        creds,
+        tmp_path / "receiver.log",
+        AVD_RECORD_DIR=str(record_dir),
+        AVD_SEGMENT_SECONDS="2",
+        AVD_MIN_FREE_GB="0",
+    )
+
+
 def _received(handle: ReceiverHandle, stream: str) -> float:
     return metric(handle.metrics(), "avd_frames_received_total", sender="cam1", stream=stream)
 
@@ -248,15 +262,7 @@ def test_known_frames_and_chunks_are_stored_byte_identical_across_segments(
     pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     record_dir = tmp_path / "rec"
-    handle = _start(
-        daemons,
-        pki,
-        creds,
-        tmp_path / "receiver.log",
-        AVD_RECORD_DIR=str(record_dir),
-        AVD_SEGMENT_SECONDS="2",
-        AVD_MIN_FREE_GB="0",
-    )
+    handle = _start_recording_in_2s_segments(daemons, pki, creds, tmp_path, record_dir)
     streams = open_known_streams(pki, handle, creds.tokens["cam1"], seconds=5)
     streams.send_in_real_time(len(streams.frames))
     streams.close()
@@ -291,15 +297,7 @@ def test_audio_trailing_a_stopped_video_stays_in_its_segment(
     """A stopping sender ends its video a moment before its audio. At a segment boundary
     the trailing audio once rolled into a sliver of a segment without video."""
     record_dir = tmp_path / "rec"
-    handle = _start(
-        daemons,
-        pki,
-        creds,
-        tmp_path / "receiver.log",
-        AVD_RECORD_DIR=str(record_dir),
-        AVD_SEGMENT_SECONDS="2",
-        AVD_MIN_FREE_GB="0",
-    )
+    handle = _start_recording_in_2s_segments(daemons, pki, creds, tmp_path, record_dir)
     streams = open_known_streams(pki, handle, creds.tokens["cam1"], seconds=3)
     streams.send_in_real_time(40)  # video up to 1.95 s, the last frame before the boundary
     streams.video.close()

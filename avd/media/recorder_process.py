@@ -161,7 +161,9 @@ class RecorderProcess:
                 header = wire.frame_header(info.session_id, frame)
                 self._pending += (header, frame.data)
                 self._pending_bytes += len(header) + size
-        self._kick()
+            first = self._claim_flush()
+        if first:
+            self._schedule_flush()
 
     def stream_ended(self, info: StreamInfo) -> None:
         self._queue(wire.end(info.session_id))
@@ -173,14 +175,18 @@ class RecorderProcess:
                 return
             self._pending.append(message)
             self._pending_bytes += len(message)
-        self._kick()
+            first = self._claim_flush()
+        if first:
+            self._schedule_flush()
 
-    def _kick(self) -> None:
-        """One flush per loop iteration, whatever the number of frames that came in it."""
-        with self._lock:
-            if self._flush_scheduled:
-                return
-            self._flush_scheduled = True
+    def _claim_flush(self) -> bool:
+        """True for the first message since the last flush (lock held): one flush per loop
+        iteration, whatever the number of frames that came in it."""
+        first = not self._flush_scheduled
+        self._flush_scheduled = True
+        return first
+
+    def _schedule_flush(self) -> None:
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside a loop (a script, a test): send right away
