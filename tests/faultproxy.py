@@ -218,7 +218,9 @@ class FaultProxy:
         self._changed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="faultproxy", daemon=True
+        )
 
     # ---- lifecycle, from the test's thread -----------------------------------------------
 
