@@ -153,8 +153,8 @@ def build_speaker(settings: ReceiverSettings) -> MediaSink | None:
 def build_receiver_sinks(
     settings: ReceiverSettings, on_done: OnDone | None = None
 ) -> list[MediaSink]:
-    """The receiver's sinks as configured: the recorder, then the speaker."""
-    built = (build_recorder(settings, on_done), build_speaker(settings))
+    """The receiver's sinks as configured: the speaker, then the recorder (see run_receiver)."""
+    built = (build_speaker(settings), build_recorder(settings, on_done))
     return [sink for sink in built if sink is not None]
 
 
@@ -181,7 +181,8 @@ async def run_receiver(settings: ReceiverSettings) -> int:
     stop = asyncio.Event()
     recorder = build_recorder(settings, on_done=recorded, on_failure=recorder_failed)
     speaker = build_speaker(settings)
-    sink = FanoutSink([s for s in (recorder, speaker) if s is not None])
+    # The live output first: the recorder's hand-off is not on the path to the ear.
+    sink = FanoutSink([s for s in (speaker, recorder) if s is not None])
     receiver = Receiver(settings, sink, metrics, acks_after_recording=recorder is not None)
     receivers.append(receiver)
     if recorder is not None:

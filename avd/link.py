@@ -186,8 +186,9 @@ class Link:
         head, payload = self.conn.send_media(
             protocol.Media(seq, frame.capture_us, frame.data, late)
         )
-        self.writer.write(head)
-        self.writer.write(payload)
+        # One call: the TLS layer seals both into one send(), so the receiver wakes once per
+        # frame, not once for the 30-byte head and again for the payload.
+        self.writer.writelines((head, payload))
         await self._until_link_ready()
         self.sent.add(seq)
         if not late and frame.capture_us >= self.started_us:  # not an outage's leftovers

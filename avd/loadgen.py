@@ -123,8 +123,7 @@ class _Session:
         if self.writer.transport.get_write_buffer_size() > limit_bytes:
             return False
         head, payload = self.conn.send_media(protocol.Media(seq, monotonic_us(), data))
-        self.writer.write(head)
-        self.writer.write(payload)
+        self.writer.writelines((head, payload))  # one send(), as the sender's link does
         self.sent += 1
         return True
 

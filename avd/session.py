@@ -396,6 +396,10 @@ class Session:
             metrics.late.inc()
         arrival = monotonic_us()
         local_capture = self.clock.to_local(media.capture_us)
+        frame = ReceivedFrame(
+            media.seq, media.capture_us, arrival, local_capture, media.data, media.late
+        )
+        self.ctx.sink.frame(info, frame)  # the live view and speaker first; counting after
         if local_capture is not None and not media.late:
             latency = max(arrival - local_capture, 0) / 1e6
             metrics.latency.observe(latency)
@@ -405,10 +409,6 @@ class Session:
         self.counters.frames_in += 1
         metrics.received.inc()
         metrics.received_bytes.inc(len(media.data))
-        frame = ReceivedFrame(
-            media.seq, media.capture_us, arrival, local_capture, media.data, media.late
-        )
-        self.ctx.sink.frame(info, frame)
         if not self.ctx.acks_after_recording:
             self.frames_done((media.seq,))
 

@@ -50,3 +50,56 @@ def test_a_put_after_the_loop_closed_is_harmless() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity"):
         DropOldestQueue(0, asyncio.new_event_loop())
+
+
+def test_only_a_waiting_consumer_is_woken() -> None:
+    """A consumer busy elsewhere takes the next item on its own: no self-pipe wake-up."""
+
+    async def scenario() -> list[int]:
+        wakes: list[int] = []
+
+        class Counting(DropOldestQueue[int]):
+            def _wake(self) -> None:
+                wakes.append(len(self))
+                super()._wake()
+
+        queue = Counting(10, asyncio.get_running_loop())
+        for i in range(3):
+            queue.put(i)  # nobody waits yet
+        assert wakes == []
+        assert [await queue.get() for _ in range(3)] == [0, 1, 2]
+        waiting = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)  # now it waits
+        queue.put(3)
+        queue.put(4)  # woken already: one wake-up for both
+        assert await asyncio.wait_for(waiting, 5) == 3
+        assert await queue.get() == 4
+        return wakes
+
+    assert asyncio.run(scenario()) == [1]
+
+
+def test_no_wake_up_is_lost_between_a_thread_and_the_loop() -> None:
+    """One item at a time, the producer waiting for each to be taken: a put that raced the
+    consumer going to sleep and skipped the wake-up would hang here."""
+    rounds = 2000
+
+    async def scenario() -> int:
+        queue: DropOldestQueue[int] = DropOldestQueue(1, asyncio.get_running_loop())
+        taken = threading.Semaphore(0)
+
+        def produce() -> None:
+            for i in range(rounds):
+                queue.put(i)
+                taken.acquire()
+            queue.close()
+
+        threading.Thread(target=produce, daemon=True).start()
+        count = 0
+        while (item := await asyncio.wait_for(queue.get(), 5)) is not None:
+            assert item == count
+            count += 1
+            taken.release()
+        return count
+
+    assert asyncio.run(scenario()) == rounds

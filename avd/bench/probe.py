@@ -73,9 +73,11 @@ def probe_main(argv: Sequence[str]) -> int:
     from avd.logs import setup_logging  # noqa: PLC0415
 
     settings = load_settings(ReceiverSettings)
+    # The live view first, as the daemon puts its speaker first: the recorder's hand-off is
+    # not on the path to the screen.
     setup_logging(role="avd-bench-probe", log_format="text", level="WARNING")
     probe = ProbeSink()
-    asyncio.run(_serve_probe(settings, [*build_receiver_sinks(settings), probe]))
+    asyncio.run(_serve_probe(settings, [probe, *build_receiver_sinks(settings)]))
     Path(argv[0]).write_text(json.dumps({"video": probe.video, "audio": probe.audio}))
     return 0
 
