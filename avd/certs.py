@@ -16,9 +16,7 @@ without ``force``.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
 import secrets
 import socket
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from avd.atomicfile import write_atomically
 from avd.errors import CertsExistError, ConfigError
 
 KEY_MODE = 0o600
@@ -125,9 +124,9 @@ def init_certs(
         (receiver, paths.receiver_key, paths.receiver_cert),
         (sender, paths.sender_key, paths.sender_cert),
     ):
-        _write_atomically(key_path, _key_pem(issued.key), KEY_MODE)
+        write_atomically(key_path, _key_pem(issued.key), mode=KEY_MODE)
         cert_pem = issued.cert.public_bytes(serialization.Encoding.PEM)
-        _write_atomically(cert_path, cert_pem, CERT_MODE)
+        write_atomically(cert_path, cert_pem, mode=CERT_MODE)
     return paths
 
 
@@ -278,21 +277,3 @@ def _make_directory(directory: Path) -> None:
         return
     directory.mkdir(parents=True, mode=DIRECTORY_MODE)
     directory.chmod(DIRECTORY_MODE)  # mkdir's mode is filtered by the umask
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file that has ``mode`` before any byte lands."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            # The umask may have removed bits from `mode`; set it exactly while still empty.
-            os.fchmod(stream.fileno(), mode)
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise

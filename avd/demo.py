@@ -121,7 +121,8 @@ class Process:
         return code
 
 
-def _script(name: str) -> list[str]:
+def console_script(name: str) -> list[str]:
+    """The console script an operator runs, next to this Python; else its entry point."""
     candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return [str(candidate)]
@@ -174,7 +175,7 @@ def run(seconds: float, workdir: Path) -> int:
         "AVD_RECORD_DIR": str(record_dir), "AVD_SEGMENT_SECONDS": "60", "AVD_MIN_FREE_GB": "0",
         "AVD_PLAYBACK": os.environ.get("AVD_PLAYBACK", "none"),  # a 10 s test tone is no treat
     }  # fmt: skip
-    receiver = Process("receiver", _script("avd-receiver"), env)
+    receiver = Process("receiver", console_script("avd-receiver"), env)
     sender: Process | None = None
     try:
         match = receiver.wait_for(r"video=(\d+) audio=(\d+) metrics=(http://\S+)")
@@ -186,7 +187,7 @@ def run(seconds: float, workdir: Path) -> int:
             "AVD_TOKEN_FILE": str(workdir / "token"),
             "AVD_VIDEO_SOURCE": "test", "AVD_AUDIO_SOURCE": "test",
         }  # fmt: skip
-        sender = Process("sender", _script("avd-sender"), sender_env)
+        sender = Process("sender", console_script("avd-sender"), sender_env)
         deadline = time.monotonic() + 30
         while total(scrape(url), "avd_frames_received_total") == 0:
             if time.monotonic() > deadline or sender.proc.poll() is not None:

@@ -12,16 +12,15 @@ variable or file at fault, never the token.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from avd.atomicfile import write_atomically
 from avd.errors import ConfigError
 
 SENDER_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -150,7 +149,9 @@ def add_token(path: Path, sender_id: str, token: str) -> None:
         raise ValueError(f"the token for {sender_id!r} is shorter than {MIN_TOKEN_LENGTH}")
     new_line = f"{sender_id} {hash_token(token)}"
     lines = _read_tokens_file(path).splitlines() if path.exists() else []
-    _write_atomically(path, "".join(f"{line}\n" for line in _with_line(lines, sender_id, new_line)))
+    _replace_tokens_file(
+        path, "".join(f"{line}\n" for line in _with_line(lines, sender_id, new_line))
+    )
 
 
 def read_sender_token(
@@ -234,29 +235,21 @@ def _with_line(lines: list[str], sender_id: str, new_line: str) -> list[str]:
     return result if placed else [*result, new_line]
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _replace_tokens_file(path: Path, text: str) -> None:
+    """Atomically, keeping the old file's mode and owner (see ``avd.atomicfile``)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         old = path.stat()
     except FileNotFoundError:
         old = None
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            # The replacement must stay readable by whoever could read the old file (the
-            # receiver's user when root edits it), and no more; a new one is world-readable.
-            os.fchmod(stream.fileno(), stat.S_IMODE(old.st_mode) if old else 0o644)
-            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(stream.fileno(), old.st_uid, old.st_gid)
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
+    # The replacement must stay readable by whoever could read the old file (the receiver's
+    # user when root edits it), and no more; a new one is world-readable.
+    write_atomically(
+        path,
+        text.encode("utf-8"),
+        mode=stat.S_IMODE(old.st_mode) if old else 0o644,
+        owner=(old.st_uid, old.st_gid) if old else None,
+    )
 
 
 def _read_secret(path: Path, source: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from avd.bench.plan import VGA
 from avd.certs import CertPaths, init_certs
-from avd.demo import scrape, total
+from avd.demo import console_script, scrape, total
 from avd.tokens import hash_token, new_token
 
 LISTENING = r"video=(\d+) audio=(\d+) metrics=(http://\S+)"
@@ -103,15 +103,6 @@ def child_env(**settings: str) -> dict[str, str]:
     return env | {"AVD_LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1"} | settings
 
 
-def _script(name: str) -> list[str]:
-    """The console script an operator runs, next to this Python; else its entry point."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return [str(candidate)]
-    entry = "receiver_main" if name == "avd-receiver" else "sender_main"
-    return [sys.executable, "-c", f"import sys; from avd.cli import {entry}; sys.exit({entry}())"]
-
-
 @dataclass
 class Workspace:
     root: Path
@@ -168,7 +159,7 @@ def start_receiver(
         AVD_LOG_LEVEL="INFO",
     )  # fmt: skip
     if probe is None:
-        child = ws.spawn("avd-receiver", _script("avd-receiver"), env)
+        child = ws.spawn("avd-receiver", console_script("avd-receiver"), env)
     else:
         code = (
             "import sys; from avd.bench.probe import probe_main; sys.exit(probe_main(sys.argv[1:]))"
@@ -187,7 +178,7 @@ def start_sender(ws: Workspace, sender_id: str, to: Receiving, audio: bool) -> C
         AVD_AUDIO_SOURCE="test" if audio else "none", AVD_WIDTH=str(VGA.width),
         AVD_HEIGHT=str(VGA.height), AVD_FPS=str(VGA.fps), AVD_JPEG_QUALITY=str(VGA.quality),
     )  # fmt: skip
-    return ws.spawn(f"avd-sender {sender_id}", _script("avd-sender"), env)
+    return ws.spawn(f"avd-sender {sender_id}", console_script("avd-sender"), env)
 
 
 def wait_for_frames(to: Receiving, sender_id: str, sender: Child, timeout: float = 30.0) -> None:
