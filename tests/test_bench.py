@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -124,6 +125,7 @@ def test_probe_analysis_picks_the_windows_and_exact_percentiles() -> None:
     assert result["imdecode_p50_ms"] == pytest.approx(0.9)
     assert result["audio_latency_p99_ms"] == pytest.approx(2.0)
     assert result["throughput_fps"] == pytest.approx(2000)
+    assert result["throughput_imdecode_p50_ms"] == pytest.approx(0.9)
     assert result["undecodable"] == 0
     with pytest.raises(RuntimeError, match="no frames"):
         analyse_probe(rows, (2 * 10**6, 3 * 10**6), (0, 10**6))
@@ -203,7 +205,9 @@ def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     steps = [Step(25, received_fps=500, p99_ms=3.0, rss_bytes=90 * MIB)]
     steps.append(Step(100, ["p99 latency at or over 50 ms (80.0 ms)"], 1990, 80.0))
     outcome = Outcome(
-        figures=_figures(latency_p99_ms=9.0, max_senders=25, receiver_idle_cpu_pct=0.1),
+        figures=_figures(
+            latency_p99_ms=9.0, max_senders=25, receiver_idle_cpu_pct=0.1, throughput_fps=500
+        ),
         probe=probe,
         cpu=CpuFigures(4.0, 2.0, None, 3.5),
         reconnects=[0.25, 0.5],
@@ -220,3 +224,8 @@ def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     assert any("worst of 2" in line for line in lines)
     assert any(line.lstrip().startswith("100") and "FAIL: p99" in line for line in lines)
     assert any(line.lstrip().startswith("25") and line.endswith("pass") for line in lines)
+    # 50 % + 60 % of a core at 500 frames/s: 2.2 ms of CPU a frame, against the 2.25 ms floor
+    notes = " ".join(" ".join(lines).split())
+    assert "2.20 ms of CPU per frame in all against the floor's 2.25 ms" in notes
+    cores = os.cpu_count() or 1
+    assert f"{cores} cores carry at most {cores * 1000 / 2.2:.0f} frames/s" in notes

@@ -133,5 +133,6 @@ def analyse_probe(
         "audio_latency_p99_ms": _percentile([(a - c) / 1000 for c, a in tone], 0.99),
         "chunks": len(tone),
         "throughput_fps": len(fast) * 1e6 / (throughput_window[1] - throughput_window[0]),
+        "throughput_imdecode_p50_ms": _percentile([r[4] / 1000 for r in fast], 0.5),
         "undecodable": sum(not r[3] for r in cam + fast),
     }

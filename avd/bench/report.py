@@ -82,7 +82,10 @@ What was measured:
                p99 {hist99} in the CPU run.
   throughput   one in-process StreamClient: the encoder runs as fast as the stream takes frames
                (no drops), the probe receiver decodes each one; frames decoded per second.
-               CPU meanwhile: sender side {tput_tx:.0f} %, receiver side {tput_rx:.0f} % of a core.
+               CPU meanwhile: sender side {tput_tx:.0f} %, receiver side {tput_rx:.0f} % of a core,
+               {per_frame:.2f} ms of CPU per frame in all against the floor's {floor:.2f} ms
+               (imdecode alone {tput_decode:.2f} ms p50 here): at that cost this machine's
+               {cores} cores carry at most {ceiling:.0f} frames/s.
   audio        the sender's test tone ({chunks} chunks of 1024 at 44.1 kHz): arrival minus the
                chunk's stamp, which the tone source gives the instant the chunk is complete, so
                the chunk's own 23.2 ms is not in the figure.
@@ -117,12 +120,19 @@ def render(o: Outcome, plan: Plan, seconds: float) -> str:
         verdict = ("yes" if met else "NO") if target else ""
         lines.append(f"{label:26} {shown:>14}   {target:44} {verdict}")
     c, p = o.cpu, o.probe
+    # Percent of a core per frame/s is ms of CPU per frame / 10: both sides, every process.
+    cpu_pct = p["sender_side_cpu_pct"] + p["receiver_side_cpu_pct"]
+    per_frame_ms = cpu_pct * 10 / o.figures["throughput_fps"] if o.figures["throughput_fps"] else 0
+    cores = os.cpu_count() or 1
     lines += ["", NOTES.format(
         frames=int(p["frames"]), transport=p["transport_p50_ms"], decode=p["decode_p50_ms"],
         imdecode=p["imdecode_p50_ms"], hist50=format_ms(c.histogram_p50_ms),
         hist99=format_ms(c.histogram_p99_ms), chunks=int(p["chunks"]), tries=len(o.reconnects),
         tries_s=", ".join(f"{t:.2f}" for t in o.reconnects),
         tput_tx=p["sender_side_cpu_pct"], tput_rx=p["receiver_side_cpu_pct"],
+        per_frame=per_frame_ms, floor=o.figures["floor_ms"], cores=cores,
+        tput_decode=p.get("throughput_imdecode_p50_ms", 0.0),
+        ceiling=cores * 1000 / per_frame_ms if per_frame_ms else 0.0,
         paced50=p.get("paced_codec_p50_ms", 0.0), paced99=p.get("paced_codec_p99_ms", 0.0),
     )]  # fmt: skip
     lines += ["", _steps_table(o.steps), "", _bandwidth_table(o.bandwidth)]
