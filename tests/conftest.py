@@ -4,10 +4,15 @@ Certificates come from avd's own ``init_certs``; tokens from ``avd.tokens``. Dae
 real subprocesses (``python -m avd.cli ...`` entry points) with their settings in the
 environment, ports picked by the kernel (port 0, read back from the start-up log line),
 and their logs in a file the test can wait on.
+
+Below those, helpers more than one test file needs (so each is written once): the Launcher
+of a test's daemons, a real small tmpfs, per-test ALSA file devices, closing what a test
+opened, decoding one protocol message, and walking a spool's frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -18,12 +23,17 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from avd.certs import CertPaths, init_certs
+from avd.media.base import CapturedFrame
+from avd.protocol import Event, FrameDecoder, decode_body
 from avd.tokens import add_token, new_token
+
+from .alsa.alsa_env import AlsaDevices, make_alsa_devices, use_alsa_devices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,3 +213,132 @@ def wait_until(predicate: object, timeout: float = 15.0, interval: float = 0.1) 
             return
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+# ---- helpers shared by several test files ----------------------------------------------------
+
+
+@dataclass
+class Launcher:
+    """Starts a test's daemons from its pki and tokens, logs in its folder, each put in
+    ``daemons`` so that the test's end kills whatever still runs: one place for what every
+    end-to-end test repeated before its first real line."""
+
+    pki: CertPaths
+    creds: Credentials
+    logs: Path
+    daemons: list[Daemon]
+
+    def receiver(self, log: str = "receiver", **extra: str) -> ReceiverHandle:
+        """A receiver with ``receiver_env`` and ``extra``, logging to ``<log>.log``."""
+        env = receiver_env(self.pki, self.creds.tokens_file, **extra)
+        handle = start_receiver(env, self.logs / f"{log}.log")
+        self.daemons.append(handle.daemon)
+        return handle
+
+    def recording_receiver(
+        self, record_dir: Path, log: str = "receiver", **extra: str
+    ) -> ReceiverHandle:
+        """A receiver recording into ``record_dir`` whatever the free space of this machine."""
+        return self.receiver(log, AVD_RECORD_DIR=str(record_dir), AVD_MIN_FREE_GB="0", **extra)
+
+    def receiver_again(self, gone: ReceiverHandle, log: str, **extra: str) -> ReceiverHandle:
+        """A receiver on the ports ``gone`` listened on, as a restarted service comes back."""
+        ports = {"AVD_VIDEO_PORT": str(gone.video_port), "AVD_AUDIO_PORT": str(gone.audio_port)}
+        return self.receiver(log, **ports, **extra)
+
+    def sender(
+        self,
+        handle: ReceiverHandle,
+        log: str = "sender",
+        sender_id: str = "cam1",
+        token: str | None = None,
+        **extra: str,
+    ) -> Daemon:
+        """A sender with ``sender_env`` and ``extra``; its own token unless ``token`` is given."""
+        token = self.creds.tokens[sender_id] if token is None else token
+        env = sender_env(self.pki, handle, sender_id, token, **extra)
+        daemon = Daemon("sender", env, self.logs / f"{log}.log")
+        self.daemons.append(daemon)
+        return daemon
+
+
+@pytest.fixture
+def launch(pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]) -> Launcher:
+    """The test's Launcher; what it starts is killed with the ``daemons`` fixture."""
+    return Launcher(pki, creds, tmp_path, daemons)
+
+
+def sender_metrics_url(sender: Daemon) -> str:
+    """The URL a sender logged for its metrics, once it has (its port is the kernel's pick)."""
+    return sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount_point`` for full-disk tests, always unmounted after.
+
+    Skips the test, saying why, where mounting is not permitted (needs CAP_SYS_ADMIN).
+    """
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {result.stderr.strip()}"
+        )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs, unmounted at teardown: the file system a full-disk test fills."""
+    with small_tmpfs(tmp_path / "small", "2m") as mount_point:
+        yield mount_point
+
+
+@pytest.fixture
+def alsa(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AlsaDevices:
+    """This test's own ALSA file devices, used by every PyAudio the test creates after it."""
+    devices = make_alsa_devices(tmp_path)
+    use_alsa_devices(monkeypatch, devices)
+    return devices
+
+
+@pytest.fixture
+def closing() -> Iterator[contextlib.ExitStack]:
+    """Closes what a test registered at its end, even a failed one: no device stays open."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def decode_one(data: bytes) -> Event:
+    """Frames and decodes exactly one message, checking nothing is left over."""
+    decoder = FrameDecoder(media_limit=1024)
+    decoder.feed(data)
+    message = decoder.next_message()
+    assert message is not None
+    assert decoder.buffered == 0
+    return decode_body(*message)
+
+
+class FrameWalker(Protocol):
+    """What both spool tiers offer to read frames in seq order."""
+
+    def next_after(self, seq: int) -> tuple[int, CapturedFrame] | None: ...
+
+
+def walk_frames(spool: FrameWalker) -> list[tuple[int, CapturedFrame]]:
+    """Every frame ``spool`` holds, by ``next_after`` from the start, as a sender resends."""
+    found, cursor = [], -1
+    while (item := spool.next_after(cursor)) is not None:
+        found.append(item)
+        cursor = item[0]
+    return found

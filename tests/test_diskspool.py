@@ -19,19 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from avd.certs import CertPaths
 from avd.diskspool import MAGIC, RECORD, SUFFIX, DiskSpool, open_disk_spool
 from avd.media.base import CapturedFrame
 
 from .conftest import (
-    Credentials,
-    Daemon,
+    Launcher,
     metric,
-    receiver_env,
     scrape,
-    sender_env,
-    start_receiver,
+    sender_metrics_url,
     wait_until,
+    walk_frames,
 )
 
 BASE_US = 1_000_000_000
@@ -68,19 +65,11 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("*" + SUFFIX))
 
 
-def read_all(disk: DiskSpool) -> list[tuple[int, CapturedFrame]]:
-    found, cursor = [], -1
-    while (item := disk.next_after(cursor)) is not None:
-        found.append(item)
-        cursor = item[0]
-    return found
-
-
 def test_frames_come_back_in_order_byte_identical(tmp_path: Path) -> None:
     disk = disk_at(tmp_path)
     for seq in range(30):
         assert disk.append(seq, frame(seq)) == 0
-    assert read_all(disk) == [(seq, frame(seq)) for seq in range(30)]
+    assert walk_frames(disk) == [(seq, frame(seq)) for seq in range(30)]
     assert disk.oldest() == (0, frame(0).capture_us)
     assert disk.next_after(12) == (13, frame(13))
     assert len(disk) == 30
@@ -134,14 +123,14 @@ def test_the_cap_drops_the_oldest_segment_and_keeps_the_newest(tmp_path: Path) -
     assert lost[12] == 4  # the first frame of a fourth segment pushes out the first
     assert disk.file_bytes <= cap
     assert sum(p.stat().st_size for p in segments(tmp_path)) == disk.file_bytes
-    assert [seq for seq, _ in read_all(disk)] == list(range(8, 20))
+    assert [seq for seq, _ in walk_frames(disk)] == list(range(8, 20))
 
 
 def test_a_frame_larger_than_the_cap_is_lost_alone(tmp_path: Path) -> None:
     disk = disk_at(tmp_path, max_bytes=200)
     assert disk.append(0, frame(0, size=400)) == 1
     assert disk.append(1, frame(1, size=64)) == 0
-    assert [seq for seq, _ in read_all(disk)] == [1]
+    assert [seq for seq, _ in walk_frames(disk)] == [1]
 
 
 def test_folder_and_files_are_private(tmp_path: Path) -> None:
@@ -233,14 +222,14 @@ def crash_after_writing(directory: Path, count: int, acked: int, boot_id: str = 
 def test_after_a_crash_every_unacknowledged_frame_comes_back(tmp_path: Path) -> None:
     crash_after_writing(tmp_path, count=40, acked=9)
     disk = disk_at(tmp_path)
-    assert read_all(disk) == [(seq, frame(seq)) for seq in range(10, 40)]
+    assert walk_frames(disk) == [(seq, frame(seq)) for seq in range(10, 40)]
     assert disk.newest_seq == 39
     assert disk.lost == 0
     # Writing goes on in a new segment, and a second restart finds both runs' frames.
     for seq in range(40, 45):
         disk.append(seq, frame(seq))
     disk.close()
-    assert [seq for seq, _ in read_all(disk_at(tmp_path))] == list(range(10, 45))
+    assert [seq for seq, _ in walk_frames(disk_at(tmp_path))] == list(range(10, 45))
 
 
 def test_acknowledged_frames_do_not_come_back_and_numbering_goes_on_above_them(
@@ -262,12 +251,12 @@ def test_a_torn_last_record_is_ignored_and_cut(
     os.truncate(last, full - 10)  # the last record's payload cut short
     with caplog.at_level(logging.WARNING, logger="avd.sender"):
         disk = disk_at(tmp_path)
-    assert [seq for seq, _ in read_all(disk)] == list(range(9))
+    assert [seq for seq, _ in walk_frames(disk)] == list(range(9))
     assert last.stat().st_size == full - RECORD.size - 96
     assert "torn record" in caplog.text
     disk.append(9, frame(9))
     disk.close()
-    assert read_all(disk_at(tmp_path)) == [(seq, frame(seq)) for seq in range(10)]
+    assert walk_frames(disk_at(tmp_path)) == [(seq, frame(seq)) for seq in range(10)]
 
 
 def test_a_torn_header_and_a_segment_torn_at_creation_are_ignored(tmp_path: Path) -> None:
@@ -276,7 +265,7 @@ def test_a_torn_header_and_a_segment_torn_at_creation_are_ignored(tmp_path: Path
         file.write(RECORD.pack(5, 0, 96, 0)[:7])
     (tmp_path / f"{6:020d}{SUFFIX}").write_bytes(MAGIC[:3])
     disk = disk_at(tmp_path)
-    assert [seq for seq, _ in read_all(disk)] == list(range(5))
+    assert [seq for seq, _ in walk_frames(disk)] == list(range(5))
     assert [int(p.stem) for p in segments(tmp_path)] == [0]
 
 
@@ -285,7 +274,7 @@ def test_a_length_beyond_the_file_is_taken_for_a_torn_record_not_read(tmp_path: 
     [path] = segments(tmp_path)
     with path.open("ab") as file:
         file.write(RECORD.pack(3, 0, 0xFFFF_FFFF, 0) + b"x" * 100)  # 4 GiB claimed
-    assert [seq for seq, _ in read_all(disk_at(tmp_path))] == [0, 1, 2]
+    assert [seq for seq, _ in walk_frames(disk_at(tmp_path))] == [0, 1, 2]
     assert path.stat().st_size == len(MAGIC) + 3 * (RECORD.size + 96)
 
 
@@ -295,7 +284,7 @@ def test_a_corrupt_record_ends_what_is_read_of_its_file(tmp_path: Path) -> None:
     data = bytearray(first.read_bytes())
     data[len(MAGIC) + 2 * (RECORD.size + 96) + RECORD.size + 5] ^= 0xFF  # 3rd record's payload
     first.write_bytes(bytes(data))
-    assert [seq for seq, _ in read_all(disk_at(tmp_path))] == [0, 1, 8, 9]
+    assert [seq for seq, _ in walk_frames(disk_at(tmp_path))] == [0, 1, 8, 9]
     assert first.stat().st_size == len(MAGIC) + 2 * (RECORD.size + 96)
 
 
@@ -325,7 +314,7 @@ def test_without_a_boot_id_a_capture_time_in_the_future_means_another_boot(
 def test_frames_older_than_the_window_are_dropped_when_read_back(tmp_path: Path) -> None:
     crash_after_writing(tmp_path, count=10, acked=-1)
     disk = disk_at(tmp_path, now_us=frame(12).capture_us, max_age_us=10 * FRAME_US)
-    assert [seq for seq, _ in read_all(disk)] == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert [seq for seq, _ in walk_frames(disk)] == [2, 3, 4, 5, 6, 7, 8, 9]
     assert disk.lost == 0  # lost by an earlier run, not counted in this one's metrics
 
 
@@ -335,7 +324,7 @@ def test_a_file_that_is_not_a_segment_is_left_alone(tmp_path: Path) -> None:
     disk = disk_at(tmp_path)
     disk.append(1, frame(1))
     assert stranger.read_bytes() == b"something else entirely"
-    assert [seq for seq, _ in read_all(disk)] == [1]
+    assert [seq for seq, _ in walk_frames(disk)] == [1]
 
 
 # ---- the disk failing under a running spool ------------------------------------------------
@@ -366,7 +355,7 @@ def test_a_failing_write_loses_that_frame_only_and_leaves_no_torn_record(
     assert "lost [0, 1, 0, 1, 0, 1, 0]" in done.stdout, done.stdout + done.stderr
     assert done.stderr.count("cannot write") == 1, done.stderr  # once a minute, not per frame
     assert done.stderr.count("writable again") == 1, done.stderr
-    assert [seq for seq, _ in read_all(disk_at(tmp_path))] == [0, 2, 4, 6]
+    assert [seq for seq, _ in walk_frames(disk_at(tmp_path))] == [0, 2, 4, 6]
 
 
 def test_a_record_changed_on_disk_is_skipped_as_lost(
@@ -392,7 +381,7 @@ def test_a_backfill_read_is_one_pread_of_tens_of_microseconds(tmp_path: Path) ->
     for seq in range(count):
         disk.append(seq, frame(seq, size=40_000))  # a 640x480 JPEG at quality 70
     started = time.perf_counter()
-    assert len(read_all(disk)) == count
+    assert len(walk_frames(disk)) == count
     per_read_us = (time.perf_counter() - started) / count * 1e6
     print(f"disk spool read of a 40 kB frame: {per_read_us:.1f} µs")
     assert per_read_us < 5_000
@@ -407,18 +396,12 @@ def _sender_sample(url: str, name: str, stream: str = "video") -> float:
 
 @pytest.mark.slow
 def test_an_outage_beyond_the_memory_cap_is_backfilled_from_disk(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    launch: Launcher, tmp_path: Path
 ) -> None:
-    receiver = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver-1.log")
-    daemons.append(receiver.daemon)
+    receiver = launch.receiver("receiver-1")
     spool_dir = tmp_path / "spool"
-    env = sender_env(
-        pki, receiver, "cam1", creds.tokens["cam1"],
-        AVD_SPOOL_DIR=str(spool_dir), AVD_SPOOL_MAX_MB="1",
-    )  # fmt: skip
-    sender = Daemon("sender", env, tmp_path / "sender.log")
-    daemons.append(sender)
-    url = sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+    sender = launch.sender(receiver, AVD_SPOOL_DIR=str(spool_dir), AVD_SPOOL_MAX_MB="1")
+    url = sender_metrics_url(sender)
     wait_until(lambda: metric(receiver.metrics(), "avd_frames_received_total", stream="video") > 20)
 
     assert receiver.daemon.stop() == 0
@@ -428,14 +411,7 @@ def test_an_outage_beyond_the_memory_cap_is_backfilled_from_disk(
     assert held > 2 * 1024 * 1024, held  # beyond the 1 MiB memory cap, so on disk
     assert list((spool_dir / "video").glob("*.spool"))
 
-    back = start_receiver(
-        receiver_env(
-            pki, creds.tokens_file,
-            AVD_VIDEO_PORT=str(receiver.video_port), AVD_AUDIO_PORT=str(receiver.audio_port),
-        ),
-        tmp_path / "receiver-2.log",
-    )  # fmt: skip
-    daemons.append(back.daemon)
+    back = launch.receiver_again(receiver, "receiver-2")
     captured_during = _sender_sample(url, "avd_frames_captured_total") - captured_before
     wait_until(lambda: _sender_sample(url, "avd_spool_frames") < 20, timeout=30)
     wait_until(lambda: not list((spool_dir / "video").glob("*.spool")), timeout=10)

@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,13 @@ from avd.protocol import Connection, Hello, Role
 from .conftest import (
     Credentials,
     Daemon,
+    Launcher,
     ReceiverHandle,
     metric,
     receiver_env,
     scrape,
     sender_env,
-    start_receiver,
+    sender_metrics_url,
     wait_until,
 )
 
@@ -38,21 +40,22 @@ def _received(handle: ReceiverHandle, sender: str, stream: str) -> float:
     return metric(handle.metrics(), "avd_frames_received_total", sender=sender, stream=stream)
 
 
-def _start_sender(
-    daemons: list[Daemon],
-    pki: CertPaths,
-    handle: ReceiverHandle,
-    tmp_path: Path,
-    name: str,
-    sender_id: str,
-    token: str,
-    **extra: str,
-) -> Daemon:
-    daemon = Daemon(
-        "sender", sender_env(pki, handle, sender_id, token, **extra), tmp_path / f"{name}.log"
-    )
-    daemons.append(daemon)
-    return daemon
+def _good_sender_streaming(launch: Launcher, handle: ReceiverHandle) -> Daemon:
+    """A video-only cam1 sender, once its frames arrive: the one an attack must not disturb."""
+    sender = launch.sender(handle, "good", AVD_AUDIO_SOURCE="none")
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    return sender
+
+
+@contextlib.contextmanager
+def _tls_to(pki: CertPaths, port: int) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to the receiver's ``port``, trusting the test CA as a sender does."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        yield tls
 
 
 def _log_time(log: str, pattern: str) -> float:
@@ -66,17 +69,10 @@ def _log_time(log: str, pattern: str) -> float:
     raise AssertionError(f"no log line matches {pattern!r}")
 
 
-def _sender_metrics_url(sender: Daemon) -> str:
-    return sender.wait_for_log(r"metrics=(http://\S+)").group(1)
-
-
-def test_streams_video_and_audio_and_stops_cleanly(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    sender = _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
-    sender_url = _sender_metrics_url(sender)
+def test_streams_video_and_audio_and_stops_cleanly(creds: Credentials, launch: Launcher) -> None:
+    handle = launch.receiver()
+    sender = launch.sender(handle)
+    sender_url = sender_metrics_url(sender)
     wait_until(
         lambda: _received(handle, "cam1", "video") > 0 and _received(handle, "cam1", "audio") > 0
     )
@@ -111,36 +107,14 @@ def test_streams_video_and_audio_and_stops_cleanly(
 
 
 def test_wrong_tokens_and_garbage_are_refused_while_a_good_sender_streams(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, creds: Credentials, launch: Launcher
 ) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    _start_sender(
-        daemons,
-        pki,
-        handle,
-        tmp_path,
-        "good",
-        "cam1",
-        creds.tokens["cam1"],
-        AVD_AUDIO_SOURCE="none",
-    )
-    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    handle = launch.receiver()
+    _good_sender_streaming(launch, handle)
 
     # Another sender's token, and a token nobody issued.
-    thief = _start_sender(
-        daemons,
-        pki,
-        handle,
-        tmp_path,
-        "thief",
-        "cam2",
-        creds.tokens["cam1"],
-        AVD_AUDIO_SOURCE="none",
-    )
-    stranger = _start_sender(
-        daemons, pki, handle, tmp_path, "stranger", "cam1", "x" * 43, AVD_AUDIO_SOURCE="none"
-    )
+    thief = launch.sender(handle, "thief", "cam2", creds.tokens["cam1"], AVD_AUDIO_SOURCE="none")
+    stranger = launch.sender(handle, "stranger", "cam1", "x" * 43, AVD_AUDIO_SOURCE="none")
     wait_until(lambda: metric(handle.metrics(), "avd_auth_failures_total") >= 2)
     thief.wait_for_log(r"token refused|refused this sender's token")
     before = _received(handle, "cam1", "video")
@@ -154,12 +128,8 @@ def test_wrong_tokens_and_garbage_are_refused_while_a_good_sender_streams(
         while chunk := raw.recv(4096):
             received += chunk
         assert len(received) < 100
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     for payload in (b"\x00" * 64, b"AV\x01\x01" + struct.pack(">I", 2**31)):
-        with (
-            socket.create_connection(("127.0.0.1", handle.video_port)) as raw,
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
+        with _tls_to(pki, handle.video_port) as tls:
             tls.sendall(payload)
             tls.settimeout(5)
             reply = b""
@@ -185,17 +155,9 @@ def test_wrong_tokens_and_garbage_are_refused_while_a_good_sender_streams(
         assert token not in log
 
 
-def test_hello_must_arrive_within_the_handshake_timeout(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    env = receiver_env(pki, creds.tokens_file, AVD_HANDSHAKE_TIMEOUT_S="1")
-    handle = start_receiver(env, tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    with (
-        socket.create_connection(("127.0.0.1", handle.audio_port)) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+def test_hello_must_arrive_within_the_handshake_timeout(pki: CertPaths, launch: Launcher) -> None:
+    handle = launch.receiver(AVD_HANDSHAKE_TIMEOUT_S="1")
+    with _tls_to(pki, handle.audio_port) as tls:
         tls.settimeout(5)
         started = time.monotonic()
         assert tls.recv(100) == b""
@@ -215,10 +177,9 @@ def test_hello_must_arrive_within_the_handshake_timeout(
 
 
 def test_a_tls12_peer_and_an_untrusted_receiver_are_refused(
-    pki: CertPaths, other_pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, other_pki: CertPaths, launch: Launcher
 ) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
+    handle = launch.receiver()
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with (
@@ -227,48 +188,16 @@ def test_a_tls12_peer_and_an_untrusted_receiver_are_refused(
     ):
         ctx.wrap_socket(raw, server_hostname="localhost")
     # A sender that trusts another CA refuses the receiver and says why, slowly.
-    sender = _start_sender(
-        daemons,
-        pki,
-        handle,
-        tmp_path,
-        "distrust",
-        "cam1",
-        creds.tokens["cam1"],
-        AVD_TLS_CA=str(other_pki.ca_cert),
-    )
+    sender = launch.sender(handle, "distrust", AVD_TLS_CA=str(other_pki.ca_cert))
     sender.wait_for_log(r"certificate")
     assert metric(handle.metrics(), "avd_frames_received_total") == 0
 
 
-def test_mutual_tls_requires_a_client_certificate(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    env = receiver_env(pki, creds.tokens_file, AVD_TLS_CLIENT_CA=str(pki.ca_cert))
-    handle = start_receiver(env, tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    _start_sender(
-        daemons,
-        pki,
-        handle,
-        tmp_path,
-        "with-cert",
-        "cam1",
-        creds.tokens["cam1"],
-        AVD_TLS_CERT=str(pki.sender_cert),
-        AVD_TLS_KEY=str(pki.sender_key),
-        AVD_AUDIO_SOURCE="none",
-    )
-    _start_sender(
-        daemons,
-        pki,
-        handle,
-        tmp_path,
-        "no-cert",
-        "cam2",
-        creds.tokens["cam2"],
-        AVD_AUDIO_SOURCE="none",
-    )
+def test_mutual_tls_requires_a_client_certificate(pki: CertPaths, launch: Launcher) -> None:
+    handle = launch.receiver(AVD_TLS_CLIENT_CA=str(pki.ca_cert))
+    client_cert = {"AVD_TLS_CERT": str(pki.sender_cert), "AVD_TLS_KEY": str(pki.sender_key)}
+    launch.sender(handle, "with-cert", "cam1", AVD_AUDIO_SOURCE="none", **client_cert)
+    launch.sender(handle, "no-cert", "cam2", AVD_AUDIO_SOURCE="none")
     wait_until(lambda: _received(handle, "cam1", "video") > 10)
     wait_until(
         lambda: metric(handle.metrics(), "avd_handshake_failures_total", reason="tls-error") >= 1
@@ -276,24 +205,14 @@ def test_mutual_tls_requires_a_client_certificate(
     assert _received(handle, "cam2", "video") == 0
 
 
-def test_sender_streams_again_within_2s_of_a_receiver_restart(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver1.log")
-    daemons.append(handle.daemon)
-    _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
+def test_sender_streams_again_within_2s_of_a_receiver_restart(launch: Launcher) -> None:
+    handle = launch.receiver("receiver1")
+    launch.sender(handle)
     wait_until(lambda: _received(handle, "cam1", "video") > 5)
     handle.daemon.proc.send_signal(signal.SIGKILL)
     handle.daemon.kill()
     time.sleep(1.5)  # the sender notices and starts backing off
-    env = receiver_env(
-        pki,
-        creds.tokens_file,
-        AVD_VIDEO_PORT=str(handle.video_port),
-        AVD_AUDIO_PORT=str(handle.audio_port),
-    )
-    restarted = start_receiver(env, tmp_path / "receiver2.log")
-    daemons.append(restarted.daemon)
+    restarted = launch.receiver_again(handle, "receiver2")
     wait_until(
         lambda: (
             _received(restarted, "cam1", "video") > 0 and _received(restarted, "cam1", "audio") > 0
@@ -310,13 +229,10 @@ def test_sender_streams_again_within_2s_of_a_receiver_restart(
     assert time.monotonic() - ready < 2.0 + 0.5  # 0.5 s of slack for scraping on a busy machine
 
 
-def test_two_senders_at_once(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
+def test_two_senders_at_once(launch: Launcher) -> None:
+    handle = launch.receiver()
     for sender_id in ("cam1", "cam2"):
-        _start_sender(daemons, pki, handle, tmp_path, sender_id, sender_id, creds.tokens[sender_id])
+        launch.sender(handle, sender_id, sender_id)
     wait_until(
         lambda: all(
             _received(handle, s, k) > 10 for s in ("cam1", "cam2") for k in ("video", "audio")
@@ -326,11 +242,10 @@ def test_two_senders_at_once(
 
 
 def test_sighup_reload_closes_a_revoked_senders_sessions(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    creds: Credentials, launch: Launcher
 ) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    sender = _start_sender(daemons, pki, handle, tmp_path, "sender", "cam1", creds.tokens["cam1"])
+    handle = launch.receiver()
+    sender = launch.sender(handle)
     wait_until(lambda: _received(handle, "cam1", "video") > 5)
     lines = creds.tokens_file.read_text().splitlines()
     creds.tokens_file.write_text(
@@ -375,19 +290,14 @@ def test_a_bad_setting_exits_78_naming_the_variable(
 
 
 def test_hello_for_the_wrong_port_is_refused(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, creds: Credentials, launch: Launcher
 ) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    handle = launch.receiver()
     conn = Connection(Role.SENDER)
     hello = Hello(
         "cam1", StreamKind.VIDEO, VideoFormat(640, 480, 20, 70), creds.tokens["cam1"].encode()
     )
-    with (
-        socket.create_connection(("127.0.0.1", handle.audio_port)) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+    with _tls_to(pki, handle.audio_port) as tls:
         tls.sendall(conn.send(hello))
         tls.settimeout(5)
         reply = tls.recv(100)
@@ -416,22 +326,10 @@ def _hello_from(
 
 
 def test_repeated_failures_lock_an_address_out_but_not_a_good_sender(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, creds: Credentials, launch: Launcher
 ) -> None:
-    env = receiver_env(pki, creds.tokens_file, AVD_AUTH_MAX_FAILURES="3", AVD_AUTH_LOCKOUT_S="60")
-    handle = start_receiver(env, tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    _start_sender(
-        daemons,
-        pki,
-        handle,
-        tmp_path,
-        "good",
-        "cam1",
-        creds.tokens["cam1"],
-        AVD_AUDIO_SOURCE="none",
-    )
-    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    handle = launch.receiver(AVD_AUTH_MAX_FAILURES="3", AVD_AUTH_LOCKOUT_S="60")
+    _good_sender_streaming(launch, handle)
     for _ in range(3):
         reply = _hello_from("127.0.0.2", handle.video_port, pki, "cam1", b"w" * 43)
         assert reply == b"AV\x01\x03\x00\x00\x00\x00"  # refused, nothing about why

@@ -26,19 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from avd.certs import CertPaths
-
 from .alsa.alsa_env import AlsaDevices, make_alsa_devices
-from .conftest import (
-    Credentials,
-    Daemon,
-    ReceiverHandle,
-    metric,
-    receiver_env,
-    sender_env,
-    start_receiver,
-    wait_until,
-)
+from .conftest import Launcher, ReceiverHandle, metric, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,39 +78,15 @@ def _wait_until_stable(path: Path, quiet_s: float = 0.5, timeout: float = 10.0) 
     raise AssertionError(f"{path} kept growing for {timeout} s")
 
 
-def test_microphone_to_speaker_and_recording_byte_exact(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
+def test_microphone_to_speaker_and_recording_byte_exact(tmp_path: Path, launch: Launcher) -> None:
     mic: AlsaDevices = make_alsa_devices(tmp_path, "sender")
     speaker: AlsaDevices = make_alsa_devices(tmp_path, "receiver")
     # Longer than the test reads: past its end the capture device repeats stale data.
     pattern = _pattern(seconds=15)
     mic.capture.write_bytes(pattern)
     record_dir = tmp_path / "rec"
-    env = receiver_env(
-        pki,
-        creds.tokens_file,
-        AVD_PLAYBACK="default",
-        AVD_RECORD_DIR=str(record_dir),
-        AVD_MIN_FREE_GB="0",
-        **speaker.env(),
-    )
-    handle = start_receiver(env, tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    sender = Daemon(
-        "sender",
-        sender_env(
-            pki,
-            handle,
-            "cam1",
-            creds.tokens["cam1"],
-            AVD_VIDEO_SOURCE="none",
-            AVD_AUDIO_SOURCE="mic",
-            **mic.env(),
-        ),
-        tmp_path / "sender.log",
-    )
-    daemons.append(sender)
+    handle = launch.recording_receiver(record_dir, AVD_PLAYBACK="default", **speaker.env())
+    sender = launch.sender(handle, AVD_VIDEO_SOURCE="none", AVD_AUDIO_SOURCE="mic", **mic.env())
     wait_until(lambda: _received(handle, "audio") >= 3 * RATE / 1024)  # 3 s of sound
     assert sender.stop() == 0
     handle.daemon.wait_for_log(r"connection closed .*stream=audio")
@@ -181,28 +146,14 @@ def _mean_difference(a: Image, b: Image) -> float:
 
 
 def test_a_video_file_is_streamed_and_every_frame_recorded_in_order(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, launch: Launcher
 ) -> None:
     frames = _source_frames(60)
     video_file = tmp_path / "source.avi"
     _write_avi(video_file, frames, fps=20)
     record_dir = tmp_path / "rec"
-    env = receiver_env(pki, creds.tokens_file, AVD_RECORD_DIR=str(record_dir), AVD_MIN_FREE_GB="0")
-    handle = start_receiver(env, tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
-    sender = Daemon(
-        "sender",
-        sender_env(
-            pki,
-            handle,
-            "cam1",
-            creds.tokens["cam1"],
-            AVD_VIDEO_SOURCE=str(video_file),
-            AVD_AUDIO_SOURCE="none",
-        ),
-        tmp_path / "sender.log",
-    )
-    daemons.append(sender)
+    handle = launch.recording_receiver(record_dir)
+    sender = launch.sender(handle, AVD_VIDEO_SOURCE=str(video_file), AVD_AUDIO_SOURCE="none")
     # Without AVD_VIDEO_LOOP the file's end ends the sender, cleanly.
     assert sender.proc.wait(30) == 0, sender.log_text()[-3000:]
     sender.wait_for_log(r"all sources have ended")
@@ -276,29 +227,15 @@ class _MjpegCamera:
 
 
 def test_a_network_camera_that_goes_away_is_reopened_while_the_session_stays_up(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    launch: Launcher,
 ) -> None:
     jpeg = cv2.imencode(".jpg", _source_frames(1)[0])[1].tobytes()
     camera = _MjpegCamera(jpeg)
     camera.start()
     try:
-        env = receiver_env(pki, creds.tokens_file)
-        handle = start_receiver(env, tmp_path / "receiver.log")
-        daemons.append(handle.daemon)
+        handle = launch.receiver()
         url = f"http://127.0.0.1:{camera.port}/stream.mjpg"
-        sender = Daemon(
-            "sender",
-            sender_env(
-                pki,
-                handle,
-                "cam1",
-                creds.tokens["cam1"],
-                AVD_VIDEO_SOURCE=url,
-                AVD_AUDIO_SOURCE="none",
-            ),
-            tmp_path / "sender.log",
-        )
-        daemons.append(sender)
+        sender = launch.sender(handle, AVD_VIDEO_SOURCE=url, AVD_AUDIO_SOURCE="none")
         wait_until(lambda: _received(handle, "video") >= 20)
 
         camera.stop()

@@ -14,8 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from contextlib import ExitStack
 
 import pytest
 
@@ -26,36 +25,19 @@ from avd.media.pa import list_devices
 from tests.alsa.alsa_env import (
     CAPTURE_DEVICE,
     AlsaDevices,
-    make_alsa_devices,
     make_capture_fifo,
     ramp,
-    use_alsa_devices,
 )
 
 FMT = AudioFormat(rate=48000, channels=1, sample_width=2, chunk=480)  # 10 ms chunks
 STEREO = AudioFormat(rate=44100, channels=2, sample_width=2, chunk=1024)
 
 
-@pytest.fixture
-def alsa(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AlsaDevices:
-    devices = make_alsa_devices(tmp_path)
-    use_alsa_devices(monkeypatch, devices)
-    return devices
-
-
-@pytest.fixture
-def opened() -> Iterator[list[MicSource]]:
-    """Sources a test opened; closed at the end even if the test failed."""
-    sources: list[MicSource] = []
-    yield sources
-    for source in sources:
-        source.close()
-
-
-def open_mic(spec: str, fmt: AudioFormat, opened: list[MicSource]) -> MicSource:
+def open_mic(spec: str, fmt: AudioFormat, closing: ExitStack) -> MicSource:
+    """An opened MicSource, closed at the test's end even if the test failed."""
     source = MicSource(spec, fmt)
     source.open()
-    opened.append(source)
+    closing.callback(source.close)
     return source
 
 
@@ -69,28 +51,28 @@ def read_n(source: MicSource, n: int) -> list[CapturedFrame]:
 
 
 def test_a_ramp_in_the_capture_file_arrives_byte_exact(
-    alsa: AlsaDevices, opened: list[MicSource]
+    alsa: AlsaDevices, closing: ExitStack
 ) -> None:
     pattern = ramp(FMT.chunk * 60)
     alsa.capture.write_bytes(pattern)
-    source = open_mic("mic", FMT, opened)
+    source = open_mic("mic", FMT, closing)
     assert (source.kind, source.format) == (StreamKind.AUDIO, FMT)
     frames = read_n(source, 40)
     assert all(len(f.data) == FMT.chunk_bytes for f in frames)
     assert b"".join(f.data for f in frames) == pattern[: 40 * FMT.chunk_bytes]
 
 
-def test_stereo_frames_stay_interleaved(alsa: AlsaDevices, opened: list[MicSource]) -> None:
+def test_stereo_frames_stay_interleaved(alsa: AlsaDevices, closing: ExitStack) -> None:
     pattern = ramp(STEREO.chunk * 8, channels=2)
     alsa.capture.write_bytes(pattern)
-    source = open_mic("mic:default", STEREO, opened)
+    source = open_mic("mic:default", STEREO, closing)
     frames = read_n(source, 5)
     assert b"".join(f.data for f in frames) == pattern[: 5 * STEREO.chunk_bytes]
 
 
-def test_capture_times_follow_the_sample_count(alsa: AlsaDevices, opened: list[MicSource]) -> None:
+def test_capture_times_follow_the_sample_count(alsa: AlsaDevices, closing: ExitStack) -> None:
     alsa.capture.write_bytes(ramp(FMT.chunk * 40))
-    source = open_mic("mic", FMT, opened)
+    source = open_mic("mic", FMT, closing)
     frames = read_n(source, 30)
     steps = [b.capture_us - a.capture_us for a, b in itertools.pairwise(frames)]
     # Every step is one chunk, except where the timeline was re-anchored after a stall of
@@ -99,11 +81,9 @@ def test_capture_times_follow_the_sample_count(alsa: AlsaDevices, opened: list[M
     assert len(off) == source._timeline.resyncs
 
 
-def test_a_clockless_device_is_read_at_real_time(
-    alsa: AlsaDevices, opened: list[MicSource]
-) -> None:
+def test_a_clockless_device_is_read_at_real_time(alsa: AlsaDevices, closing: ExitStack) -> None:
     alsa.capture.write_bytes(ramp(FMT.chunk * 60))
-    source = open_mic("mic", FMT, opened)
+    source = open_mic("mic", FMT, closing)
     started = time.monotonic()
     read_n(source, 50)  # 500 ms of audio
     elapsed = time.monotonic() - started
@@ -113,7 +93,7 @@ def test_a_clockless_device_is_read_at_real_time(
 
 
 def test_a_device_that_delivers_in_real_time_sets_the_pace(
-    alsa: AlsaDevices, opened: list[MicSource]
+    alsa: AlsaDevices, closing: ExitStack
 ) -> None:
     fifo = make_capture_fifo(alsa)
     pattern = ramp(FMT.chunk * 40)
@@ -127,7 +107,7 @@ def test_a_device_that_delivers_in_real_time_sets_the_pace(
 
     feeder = threading.Thread(target=deliver, daemon=True)
     try:
-        source = open_mic(f"mic:{CAPTURE_DEVICE}", FMT, opened)
+        source = open_mic(f"mic:{CAPTURE_DEVICE}", FMT, closing)
         feeder.start()
         frames = read_n(source, 30)
     finally:
@@ -138,11 +118,11 @@ def test_a_device_that_delivers_in_real_time_sets_the_pace(
     assert source._pacer.paced == 0  # every read waited for the device: no extra sleep
 
 
-def test_a_device_can_be_chosen_by_index(alsa: AlsaDevices, opened: list[MicSource]) -> None:
+def test_a_device_can_be_chosen_by_index(alsa: AlsaDevices, closing: ExitStack) -> None:
     index = next(d.index for d in list_devices() if d.name == CAPTURE_DEVICE)
     pattern = ramp(FMT.chunk * 4)
     alsa.capture.write_bytes(pattern)
-    source = open_mic(f"mic:{index}", FMT, opened)
+    source = open_mic(f"mic:{index}", FMT, closing)
     assert CAPTURE_DEVICE in source.description
     assert read_n(source, 2)[0].data == pattern[: FMT.chunk_bytes]
 
@@ -177,11 +157,9 @@ def test_only_16_bit_capture_is_offered() -> None:
         MicSource("mic", AudioFormat(44100, 1, 1, 1024))
 
 
-def test_stop_from_another_thread_ends_the_reads(
-    alsa: AlsaDevices, opened: list[MicSource]
-) -> None:
+def test_stop_from_another_thread_ends_the_reads(alsa: AlsaDevices, closing: ExitStack) -> None:
     alsa.capture.write_bytes(ramp(FMT.chunk * 400))
-    source = open_mic("mic", FMT, opened)
+    source = open_mic("mic", FMT, closing)
     results: list[int] = []
 
     def capture() -> None:
@@ -201,10 +179,10 @@ def test_stop_from_another_thread_ends_the_reads(
 
 
 def test_close_from_another_thread_waits_for_the_read_in_progress(
-    alsa: AlsaDevices, opened: list[MicSource]
+    alsa: AlsaDevices, closing: ExitStack
 ) -> None:
     alsa.capture.write_bytes(ramp(FMT.chunk * 400))
-    source = open_mic("mic", FMT, opened)
+    source = open_mic("mic", FMT, closing)
     ended = threading.Event()
 
     def capture() -> None:

@@ -33,18 +33,9 @@ from tests.alsa.alsa_env import (
     CAPTURE_DEVICE,
     PLAYBACK_DEVICE,
     AlsaDevices,
-    make_alsa_devices,
-    use_alsa_devices,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def alsa(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AlsaDevices:
-    devices = make_alsa_devices(tmp_path)
-    use_alsa_devices(monkeypatch, devices)
-    return devices
 
 
 @pytest.fixture

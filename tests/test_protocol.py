@@ -32,10 +32,11 @@ from avd.protocol import (
     Role,
     State,
     Welcome,
-    decode_body,
     encode,
     encode_media_parts,
 )
+
+from .conftest import decode_one
 
 TOKEN = b"0123456789abcdef0123456789ABCDEF"  # 32 bytes, the shortest allowed
 TOKEN_HEX = "30313233343536373839616263646566" + "30313233343536373839414243444546"
@@ -89,16 +90,6 @@ GOLDEN: list[tuple[Event, str]] = [
 
 def golden_bytes(hex_text: str) -> bytes:
     return bytes.fromhex(hex_text.replace("|", ""))
-
-
-def decode_one(data: bytes) -> Event:
-    """Frames and decodes exactly one message, checking nothing is left over."""
-    decoder = FrameDecoder(media_limit=1024)
-    decoder.feed(data)
-    message = decoder.next_message()
-    assert message is not None
-    assert decoder.buffered == 0
-    return decode_body(*message)
 
 
 def header(kind: int, length: int, magic: bytes = b"AV", version: int = 1) -> bytes:

@@ -25,7 +25,6 @@ from avd.protocol import (
     ConnectionClosed,
     Event,
     Floor,
-    FrameDecoder,
     Goodbye,
     GoodbyeReason,
     Heartbeat,
@@ -40,6 +39,8 @@ from avd.protocol import (
     decode_body,
     encode,
 )
+
+from .conftest import decode_one
 
 U8, U16 = st.integers(0, 0xFF), st.integers(0, 0xFFFF)
 U32, U64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
@@ -109,15 +110,6 @@ EDGE_EVENTS: list[Event] = [
 ]
 
 FAST = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-
-
-def decode_one(data: bytes) -> Event:
-    decoder = FrameDecoder(media_limit=1024)
-    decoder.feed(data)
-    message = decoder.next_message()
-    assert message is not None
-    assert decoder.buffered == 0
-    return decode_body(*message)
 
 
 # ---- round trips ---------------------------------------------------------------------

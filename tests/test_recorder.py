@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import av
@@ -435,27 +435,6 @@ def test_a_segment_killed_mid_write_keeps_all_but_the_last_second(tmp_path: Path
     assert len(video) >= written - VIDEO.fps, f"{written} written, {len(video)} survived"
     assert video == [jpeg(i % 40) for i in range(len(video))]
     assert any(kind == "audio" for kind, _, _ in packets)
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs, unmounted at teardown."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {result.stderr.strip()}"
-        )
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def test_full_disk_pauses_once_and_resumes_by_itself(

@@ -22,7 +22,6 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,12 +39,12 @@ from avd.protocol import Connection, Goodbye, GoodbyeReason, Hello, Media, Role,
 from .conftest import (
     Credentials,
     Daemon,
+    Launcher,
     ReceiverHandle,
     metric,
-    receiver_env,
     scrape,
-    sender_env,
-    start_receiver,
+    sender_metrics_url,
+    small_tmpfs,
     wait_until,
 )
 
@@ -229,28 +228,6 @@ def open_known_streams(
     return KnownStreams(video, audio, known_jpegs(frames), known_chunks(frames * 3))
 
 
-def _start(
-    daemons: list[Daemon], pki: CertPaths, creds: Credentials, log: Path, **extra: str
-) -> ReceiverHandle:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file, **extra), log)
-    daemons.append(handle.daemon)
-    return handle
-
-
-def _start_recording_in_2s_segments(
-    daemons: list[Daemon], pki: CertPaths, creds: Credentials, tmp_path: Path, record_dir: Path
-) -> ReceiverHandle:
-    return _start(
-        daemons,
-        pki,
-        creds,
-        tmp_path / "receiver.log",
-        AVD_RECORD_DIR=str(record_dir),
-        AVD_SEGMENT_SECONDS="2",
-        AVD_MIN_FREE_GB="0",
-    )
-
-
 def _received(handle: ReceiverHandle, stream: str) -> float:
     return metric(handle.metrics(), "avd_frames_received_total", sender="cam1", stream=stream)
 
@@ -259,10 +236,10 @@ def _received(handle: ReceiverHandle, stream: str) -> float:
 
 
 def test_known_frames_and_chunks_are_stored_byte_identical_across_segments(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, creds: Credentials, tmp_path: Path, launch: Launcher
 ) -> None:
     record_dir = tmp_path / "rec"
-    handle = _start_recording_in_2s_segments(daemons, pki, creds, tmp_path, record_dir)
+    handle = launch.recording_receiver(record_dir, AVD_SEGMENT_SECONDS="2")
     streams = open_known_streams(pki, handle, creds.tokens["cam1"], seconds=5)
     streams.send_in_real_time(len(streams.frames))
     streams.close()
@@ -292,12 +269,12 @@ def test_known_frames_and_chunks_are_stored_byte_identical_across_segments(
 
 
 def test_audio_trailing_a_stopped_video_stays_in_its_segment(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, creds: Credentials, tmp_path: Path, launch: Launcher
 ) -> None:
     """A stopping sender ends its video a moment before its audio. At a segment boundary
     the trailing audio once rolled into a sliver of a segment without video."""
     record_dir = tmp_path / "rec"
-    handle = _start_recording_in_2s_segments(daemons, pki, creds, tmp_path, record_dir)
+    handle = launch.recording_receiver(record_dir, AVD_SEGMENT_SECONDS="2")
     streams = open_known_streams(pki, handle, creds.tokens["cam1"], seconds=3)
     streams.send_in_real_time(40)  # video up to 1.95 s, the last frame before the boundary
     streams.video.close()
@@ -318,17 +295,10 @@ def test_audio_trailing_a_stopped_video_stays_in_its_segment(
 
 
 def test_a_receiver_killed_mid_segment_keeps_all_but_the_last_second(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    pki: CertPaths, creds: Credentials, tmp_path: Path, launch: Launcher
 ) -> None:
     record_dir = tmp_path / "rec"
-    handle = _start(
-        daemons,
-        pki,
-        creds,
-        tmp_path / "receiver.log",
-        AVD_RECORD_DIR=str(record_dir),
-        AVD_MIN_FREE_GB="0",
-    )
+    handle = launch.recording_receiver(record_dir)
     streams = open_known_streams(pki, handle, creds.tokens["cam1"], seconds=4)
     try:
         streams.send_in_real_time(60)
@@ -400,18 +370,11 @@ def test_a_kill_at_any_packet_leaves_no_unreadable_segment(tmp_path: Path) -> No
 
 
 def _start_sender(
-    daemons: list[Daemon],
-    pki: CertPaths,
-    creds: Credentials,
-    handle: ReceiverHandle,
-    log: Path,
-    **extra: str,
+    launch: Launcher, handle: ReceiverHandle, log: str = "sender"
 ) -> tuple[Daemon, str]:
-    """A real avd-sender with test sources; returns it and its metrics URL."""
-    env = sender_env(pki, handle, "cam1", creds.tokens["cam1"], **extra)
-    sender = Daemon("sender", env, log)
-    daemons.append(sender)
-    return sender, sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+    """A real avd-sender with test sources, once it serves its metrics; it and their URL."""
+    sender = launch.sender(handle, log)
+    return sender, sender_metrics_url(sender)
 
 
 def _segments_opened(receiver: Daemon, after: str = "") -> list[Path]:
@@ -425,22 +388,15 @@ def _segments_opened(receiver: Daemon, after: str = "") -> list[Path]:
 
 
 def test_retention_deletes_the_oldest_segments_when_over_budget(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, launch: Launcher
 ) -> None:
     record_dir = tmp_path / "rec"
     budget_gb = 0.0012  # about two 1 s segments of the test pattern (~0.6 MB each)
     budget = int(budget_gb * 1024**3)
-    handle = _start(
-        daemons,
-        pki,
-        creds,
-        tmp_path / "receiver.log",
-        AVD_RECORD_DIR=str(record_dir),
-        AVD_SEGMENT_SECONDS="1",
-        AVD_RECORD_MAX_GB=str(budget_gb),
-        AVD_MIN_FREE_GB="0",
+    handle = launch.recording_receiver(
+        record_dir, AVD_SEGMENT_SECONDS="1", AVD_RECORD_MAX_GB=str(budget_gb)
     )
-    sender, _ = _start_sender(daemons, pki, creds, handle, tmp_path / "sender.log")
+    sender, _ = _start_sender(launch, handle)
     wait_until(lambda: len(_segments_opened(handle.daemon)) >= 6, timeout=30)
     assert sender.stop() == 0
     assert handle.daemon.stop() == 0
@@ -476,26 +432,8 @@ def _video_frames(path: Path) -> int:
     return 0 if track is None else len(track.packets)
 
 
-@contextlib.contextmanager
-def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` at ``mount_point``, always unmounted afterwards."""
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
 def test_a_full_file_system_pauses_recording_while_streaming_goes_on(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, launch: Launcher
 ) -> None:
     with small_tmpfs(tmp_path / "small", "4m") as small:
         # Leave about 1 MB: two seconds of the test pattern fill it.
@@ -503,17 +441,10 @@ def test_a_full_file_system_pauses_recording_while_streaming_goes_on(
         filler = small / "filler"
         filler.write_bytes(b"\xa5" * (stat.f_bavail * stat.f_frsize - 1024 * 1024))
         record_dir = small / "rec"
-        handle = _start(
-            daemons,
-            pki,
-            creds,
-            tmp_path / "receiver.log",
-            AVD_RECORD_DIR=str(record_dir),
-            AVD_MIN_FREE_GB="0",
-        )
+        handle = launch.recording_receiver(record_dir)
         receiver = handle.daemon
         try:
-            sender, _ = _start_sender(daemons, pki, creds, handle, tmp_path / "sender.log")
+            sender, _ = _start_sender(launch, handle)
             receiver.wait_for_log(r"recording paused for cam1: .*No space left on device")
             before = _received(handle, "video")
             wait_until(lambda: _received(handle, "video") >= before + 30)  # 1.5 s streamed
@@ -565,17 +496,12 @@ def _probe_segment(path: Path) -> tuple[int, float, float]:
 
 
 def test_acceptance_every_segment_plays_and_holds_what_was_sent(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, launch: Launcher
 ) -> None:
     """The issue's check: ~8 s of test video and audio in 2 s segments, then a kill -9."""
     record_dir = tmp_path / "rec"
-    env = {
-        "AVD_RECORD_DIR": str(record_dir),
-        "AVD_SEGMENT_SECONDS": "2",
-        "AVD_MIN_FREE_GB": "0",
-    }
-    handle = _start(daemons, pki, creds, tmp_path / "receiver.log", **env)
-    sender, sender_url = _start_sender(daemons, pki, creds, handle, tmp_path / "sender.log")
+    handle = launch.recording_receiver(record_dir, AVD_SEGMENT_SECONDS="2")
+    sender, sender_url = _start_sender(launch, handle)
     wait_until(lambda: _received(handle, "video") > 0)
     # About 8 s, stopping mid-segment: a stop right at a boundary is the trailing-audio test's.
     time.sleep(7)
@@ -605,9 +531,8 @@ def test_acceptance_every_segment_plays_and_holds_what_was_sent(
 
     # A receiver killed mid-segment leaves a segment that ffprobe reads.
     killed_dir = tmp_path / "killed"
-    env["AVD_RECORD_DIR"] = str(killed_dir)
-    handle = _start(daemons, pki, creds, tmp_path / "receiver2.log", **env)
-    sender, _ = _start_sender(daemons, pki, creds, handle, tmp_path / "sender2.log")
+    handle = launch.recording_receiver(killed_dir, "receiver2", AVD_SEGMENT_SECONDS="2")
+    sender, _ = _start_sender(launch, handle, "sender2")
     wait_until(lambda: len(segments_of(killed_dir, "cam1")) >= 2)  # the first one is closed
     rolled_at = _received(handle, "video")
     wait_until(lambda: _received(handle, "video") >= rolled_at + VIDEO.fps)  # 1 s into the next

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -193,25 +191,6 @@ def test_enforce_deletes_oldest_over_the_total_and_tidies_day_folders(
     assert (tmp_path / "cam1" / "latest.jpg").exists()
     logged = [r.getMessage() for r in caplog.records]
     assert f"deleted recording {files[1]} (recordings over 25000 bytes)" in logged
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs, unmounted at teardown."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def test_enforce_frees_space_on_a_real_file_system(small_fs: Path) -> None:

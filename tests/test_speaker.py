@@ -9,8 +9,8 @@ ramps never hold a zero sample, so "all non-zero samples" is exactly what was pl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -21,9 +21,7 @@ from avd.media.speaker import SpeakerSink, silence_for
 from tests.alsa.alsa_env import (
     PLAYBACK_DEVICE,
     AlsaDevices,
-    make_alsa_devices,
     ramp,
-    use_alsa_devices,
 )
 
 FMT = AudioFormat(rate=44100, channels=1, sample_width=2, chunk=1024)
@@ -34,30 +32,16 @@ N = 10  # chunks per test stream: 232 ms at 44.1 kHz
 WHOLE_STREAM_MS = N * FMT.chunk_duration_us // 1000
 
 
-@pytest.fixture
-def alsa(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AlsaDevices:
-    devices = make_alsa_devices(tmp_path)
-    use_alsa_devices(monkeypatch, devices)
-    return devices
-
-
-@pytest.fixture
-def sinks() -> Iterator[list[SpeakerSink]]:
-    made: list[SpeakerSink] = []
-    yield made
-    for sink in made:
-        sink.close()
-
-
 def make_sink(
-    sinks: list[SpeakerSink],
+    closing: ExitStack,
     spec: str = "default",
     *,
     sender_filter: str | None = None,
     buffer_ms: int = 60,
 ) -> SpeakerSink:
+    """A SpeakerSink, closed at the test's end even if the test failed."""
     sink = SpeakerSink(spec, sender_filter, buffer_ms)
-    sinks.append(sink)
+    closing.callback(sink.close)
     return sink
 
 
@@ -86,40 +70,42 @@ def wait_played_out(sink: SpeakerSink, played: int) -> None:
     wait_until(lambda: sink.played == played and not sink.busy)
 
 
+def play_stream(sink: SpeakerSink, info: StreamInfo, data: list[bytes]) -> None:
+    """A whole stream handed over as the receiver does (start, chunks, end), then played out."""
+    sink.stream_started(info)
+    send(sink, info, data)
+    sink.stream_ended(info)
+    wait_played_out(sink, len(data))
+
+
 def nonzero_samples(data: bytes) -> bytes:
     samples = np.frombuffer(data, "<i2")
     return bytes(samples[samples != 0].tobytes())
 
 
-def test_a_stream_is_played_byte_exact(alsa: AlsaDevices, sinks: list[SpeakerSink]) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+def test_a_stream_is_played_byte_exact(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     info = audio("cam1")
     pattern = ramp(FMT.chunk * N)
-    sink.stream_started(info)
-    send(sink, info, chunks(pattern))
-    sink.stream_ended(info)
-    wait_played_out(sink, N)
+    play_stream(sink, info, chunks(pattern))
     played = alsa.played()
     assert pattern in played
     assert nonzero_samples(played) == pattern
     assert (sink.gaps, sink.late, sink.overflow) == (0, 0, 0)
 
 
-def test_the_output_takes_the_stream_format(alsa: AlsaDevices, sinks: list[SpeakerSink]) -> None:
-    sink = make_sink(sinks, PLAYBACK_DEVICE, buffer_ms=10 * STEREO.chunk_duration_us // 1000)
+def test_the_output_takes_the_stream_format(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, PLAYBACK_DEVICE, buffer_ms=10 * STEREO.chunk_duration_us // 1000)
     info = audio("cam1", STEREO)
     pattern = ramp(STEREO.chunk * 10, channels=2)
-    sink.stream_started(info)
-    send(sink, info, chunks(pattern, STEREO))
-    sink.stream_ended(info)
-    wait_played_out(sink, 10)
+    play_stream(sink, info, chunks(pattern, STEREO))
     played = alsa.played()
     assert pattern in played
     assert len(played) % (2 * 2) == 0  # whole stereo frames only
 
 
-def test_out_of_order_and_missing_chunks(alsa: AlsaDevices, sinks: list[SpeakerSink]) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+def test_out_of_order_and_missing_chunks(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     info = audio("cam1")
     parts = chunks(ramp(FMT.chunk * N))
     sink.stream_started(info)
@@ -133,8 +119,8 @@ def test_out_of_order_and_missing_chunks(alsa: AlsaDevices, sinks: list[SpeakerS
     assert sink.gaps == 1
 
 
-def test_the_sender_filter_is_honoured(alsa: AlsaDevices, sinks: list[SpeakerSink]) -> None:
-    sink = make_sink(sinks, sender_filter="cam2", buffer_ms=WHOLE_STREAM_MS)
+def test_the_sender_filter_is_honoured(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, sender_filter="cam2", buffer_ms=WHOLE_STREAM_MS)
     cam1, cam2 = audio("cam1"), audio("cam2")
     heard = ramp(FMT.chunk * N, negative=True)
     sink.stream_started(cam1)  # first, but not the one asked for
@@ -148,9 +134,9 @@ def test_the_sender_filter_is_honoured(alsa: AlsaDevices, sinks: list[SpeakerSin
 
 
 def test_without_filter_the_first_is_heard_then_a_running_one_takes_over(
-    alsa: AlsaDevices, sinks: list[SpeakerSink]
+    alsa: AlsaDevices, closing: ExitStack
 ) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     cam1, cam2 = audio("cam1"), audio("cam2")
     first, second = ramp(FMT.chunk * N), ramp(FMT.chunk * N, negative=True)
     sink.stream_started(cam1)
@@ -168,24 +154,19 @@ def test_without_filter_the_first_is_heard_then_a_running_one_takes_over(
     assert sink.stats().underruns == 0
 
 
-def test_the_next_stream_to_start_is_taken(alsa: AlsaDevices, sinks: list[SpeakerSink]) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+def test_the_next_stream_to_start_is_taken(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     pattern = ramp(FMT.chunk * N, negative=True)
     first = audio("cam1", session=1)
     sink.stream_started(first)
     sink.stream_ended(first)  # a session that sent nothing
     again = audio("cam1", session=2)  # the same sender reconnected
-    sink.stream_started(again)
-    send(sink, again, chunks(pattern))
-    sink.stream_ended(again)
-    wait_played_out(sink, N)
+    play_stream(sink, again, chunks(pattern))
     assert nonzero_samples(alsa.played()) == pattern
 
 
-def test_video_and_spooled_audio_are_not_played(
-    alsa: AlsaDevices, sinks: list[SpeakerSink]
-) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+def test_video_and_spooled_audio_are_not_played(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     video = StreamInfo("cam1", StreamKind.VIDEO, VideoFormat(64, 48, 10, 70), "127.0.0.1:1", 1)
     info = audio("cam1")
     pattern = ramp(FMT.chunk * N)
@@ -203,9 +184,9 @@ def test_video_and_spooled_audio_are_not_played(
 
 
 def test_chunks_of_partial_frames_or_oversized_are_rejected(
-    alsa: AlsaDevices, sinks: list[SpeakerSink]
+    alsa: AlsaDevices, closing: ExitStack
 ) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     info = audio("cam1")
     pattern = ramp(FMT.chunk * N)
     sink.stream_started(info)
@@ -222,9 +203,9 @@ def test_chunks_of_partial_frames_or_oversized_are_rejected(
 
 
 def test_a_format_the_device_refuses_is_logged_and_the_next_stream_plays(
-    alsa: AlsaDevices, sinks: list[SpeakerSink], caplog: pytest.LogCaptureFixture
+    alsa: AlsaDevices, closing: ExitStack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     too_wide = AudioFormat(rate=44100, channels=200, sample_width=2, chunk=64)  # 128 at most
     refused = audio("cam1", too_wide)
     sink.stream_started(refused)
@@ -234,17 +215,12 @@ def test_a_format_the_device_refuses_is_logged_and_the_next_stream_plays(
     sink.stream_ended(refused)
     good = audio("cam2")
     pattern = ramp(FMT.chunk * N)
-    sink.stream_started(good)
-    send(sink, good, chunks(pattern))
-    sink.stream_ended(good)
-    wait_played_out(sink, N)
+    play_stream(sink, good, chunks(pattern))
     assert nonzero_samples(alsa.played()) == pattern
 
 
-def test_a_clockless_device_is_played_at_real_time(
-    alsa: AlsaDevices, sinks: list[SpeakerSink]
-) -> None:
-    sink = make_sink(sinks, buffer_ms=WHOLE_STREAM_MS)
+def test_a_clockless_device_is_played_at_real_time(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, buffer_ms=WHOLE_STREAM_MS)
     info = audio("cam1")
     sink.stream_started(info)
     send(sink, info, chunks(ramp(FMT.chunk * 20)))  # 464 ms
@@ -265,8 +241,8 @@ def test_an_unknown_device_is_named_in_the_error(alsa: AlsaDevices) -> None:
         SpeakerSink("99")
 
 
-def test_close_stops_at_once_and_twice_is_fine(alsa: AlsaDevices, sinks: list[SpeakerSink]) -> None:
-    sink = make_sink(sinks, buffer_ms=60)
+def test_close_stops_at_once_and_twice_is_fine(alsa: AlsaDevices, closing: ExitStack) -> None:
+    sink = make_sink(closing, buffer_ms=60)
     info = audio("cam1")
     sink.stream_started(info)
     send(sink, info, chunks(ramp(FMT.chunk * 20)))  # would take 464 ms to play

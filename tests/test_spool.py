@@ -12,20 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avd.certs import CertPaths
 from avd.diskspool import DiskSpool
 from avd.media.base import CapturedFrame
 from avd.spool import Spool
 
 from .conftest import (
-    Credentials,
-    Daemon,
+    Launcher,
     metric,
-    receiver_env,
     scrape,
-    sender_env,
-    start_receiver,
+    sender_metrics_url,
     wait_until,
+    walk_frames,
 )
 
 
@@ -152,14 +149,6 @@ def sized(seq: int, size: int = 30) -> CapturedFrame:
     return CapturedFrame(capture_us=seq * 1000, data=f"{seq:05d}".encode() * (size // 5))
 
 
-def walk(spool: Spool) -> list[tuple[int, CapturedFrame]]:
-    found, cursor = [], -1
-    while (item := spool.next_after(cursor)) is not None:
-        found.append(item)
-        cursor = item[0]
-    return found
-
-
 def test_beyond_the_memory_cap_the_oldest_frames_go_to_disk_not_lost(tmp_path: Path) -> None:
     spool = tiered(tmp_path)
     assert [spool.add(seq, sized(seq)) for seq in range(50)] == [0] * 50
@@ -176,7 +165,7 @@ def test_next_after_walks_disk_then_memory_in_seq_order(tmp_path: Path) -> None:
     spool = tiered(tmp_path)
     for seq in range(20):
         spool.add(seq, sized(seq))
-    assert walk(spool) == [(seq, sized(seq)) for seq in range(20)]
+    assert walk_frames(spool) == [(seq, sized(seq)) for seq in range(20)]
     assert spool.next_after(16) == (17, sized(17))  # in memory
     assert spool.next_after(3) == (4, sized(4))  # on disk
     assert spool.oldest_seq() == 0
@@ -203,14 +192,14 @@ def test_the_age_window_evicts_from_disk_first(tmp_path: Path) -> None:
         spool.add(seq, sized(seq))
     assert spool.lost == 19  # frames 0-18 are more than 10 ms older than frame 29
     assert spool.oldest_seq() == 19
-    assert [seq for seq, _ in walk(spool)] == list(range(19, 30))
+    assert [seq for seq, _ in walk_frames(spool)] == list(range(19, 30))
 
 
 def test_beyond_both_caps_the_oldest_frames_are_lost(tmp_path: Path) -> None:
     spool = tiered(tmp_path, disk=1200)  # three segments of 400 bytes
     lost = sum(spool.add(seq, sized(seq)) for seq in range(100))
     assert lost == spool.lost > 0
-    held = [seq for seq, _ in walk(spool)]
+    held = [seq for seq, _ in walk_frames(spool)]
     assert held == list(range(100 - len(held), 100))  # the newest, without a gap
     assert len(held) + lost == 100
 
@@ -222,7 +211,7 @@ def test_close_puts_memory_on_disk_and_a_new_spool_numbers_on_above_it(tmp_path:
     spool.ack(4)
     spool.close()
     again = tiered(tmp_path)
-    assert walk(again) == [(seq, sized(seq)) for seq in range(5, 20)]
+    assert walk_frames(again) == [(seq, sized(seq)) for seq in range(5, 20)]
     assert again.floor() == 5
     assert again.next_seq_hint() == 20
     again.ack(19)
@@ -267,7 +256,7 @@ def test_with_a_disk_every_frame_is_held_acked_or_lost_across_a_restart(
             assert spool.disk.file_bytes <= 1000
             oldest = spool.oldest_seq()
             assert oldest is None or seq - oldest <= 40
-        held = walk(spool)
+        held = walk_frames(spool)
         assert held == [(s, sized(s, ops[s][0] * 5)) for s, _ in held]
         assert len(held) == len(spool)
         assert len(held) + acked + lost_before + spool.lost == len(ops)
@@ -279,26 +268,24 @@ def test_with_a_disk_every_frame_is_held_acked_or_lost_across_a_restart(
 
 @pytest.mark.slow
 def test_a_sender_killed_during_an_outage_sends_what_its_disk_held_after_restarting(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    launch: Launcher, tmp_path: Path
 ) -> None:
-    receiver = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver-1.log")
-    daemons.append(receiver.daemon)
-    env = sender_env(
-        pki, receiver, "cam1", creds.tokens["cam1"],
-        AVD_SPOOL_DIR=str(tmp_path / "spool"), AVD_SPOOL_MAX_MB="1", AVD_AUDIO_SOURCE="none",
-    )  # fmt: skip
-    first = Daemon("sender", env, tmp_path / "sender-1.log")
-    daemons.append(first)
+    receiver = launch.receiver("receiver-1")
+    spooling = {
+        "AVD_SPOOL_DIR": str(tmp_path / "spool"),
+        "AVD_SPOOL_MAX_MB": "1",
+        "AVD_AUDIO_SOURCE": "none",
+    }
+    first = launch.sender(receiver, "sender-1", **spooling)
     wait_until(lambda: metric(receiver.metrics(), "avd_frames_received_total", stream="video") > 20)
     assert receiver.daemon.stop() == 0
     time.sleep(4)  # ~2 MB of video: half of it beyond the memory cap, on disk
     first.kill()  # what was in memory is gone; what was on disk is not
 
-    second = Daemon("sender", env, tmp_path / "sender-2.log")
-    daemons.append(second)
+    second = launch.sender(receiver, "sender-2", **spooling)
     found = second.wait_for_log(r"(\d+) spooled frames \(.*seq (\d+)-(\d+)\) read back")
     recovered, newest = int(found.group(1)), int(found.group(3))
-    url = second.wait_for_log(r"metrics=(http://\S+)").group(1)
+    url = sender_metrics_url(second)
     assert recovered > 20
     # The receiver is still away: the new sender's frames overflow to disk too, numbered
     # above the recovered ones, as the first new segment's name (its first seq) shows.
@@ -311,14 +298,7 @@ def test_a_sender_killed_during_an_outage_sends_what_its_disk_held_after_restart
     wait_until(lambda: first_seqs() - old, timeout=15)
     assert min(first_seqs() - old) > newest
 
-    back = start_receiver(
-        receiver_env(
-            pki, creds.tokens_file,
-            AVD_VIDEO_PORT=str(receiver.video_port), AVD_AUDIO_PORT=str(receiver.audio_port),
-        ),
-        tmp_path / "receiver-2.log",
-    )  # fmt: skip
-    daemons.append(back.daemon)
+    back = launch.receiver_again(receiver, "receiver-2")
 
     def sender_metric(name: str) -> float:
         return metric(scrape(url), name, stream="video")
