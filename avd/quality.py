@@ -95,13 +95,23 @@ class QualityController:
 
 
 class FrameDecimator:
-    """Keeps frames at no more than ``fps``, by their capture times: the rate reduction."""
+    """Keeps frames at no more than ``fps``, by their capture times: the rate reduction.
 
-    def __init__(self, fps: int) -> None:
-        self.fps = fps
+    At the full rate (``fps`` >= ``full_fps``) it keeps every frame: the source paces itself
+    (a file at its own rate, a camera capped by its frame-rate cap), and a source catching up
+    after a stall of a busy machine delivers frames closer together than a period, none of
+    which may be lost for that (a file streamed whole must be recorded whole).
+    """
+
+    def __init__(self, full_fps: int) -> None:
+        self.full_fps = full_fps
+        self.fps = full_fps  # lowered and restored by the sender's dynamic quality
         self._next_us: int | None = None
 
     def keep(self, capture_us: int) -> bool:
+        if self.fps >= self.full_fps:
+            self._next_us = None  # a later reduction starts afresh
+            return True
         period = 1_000_000 // max(self.fps, 1)
         # A quarter period of slack: a source at exactly ``fps`` with jitter loses nothing.
         if self._next_us is not None and capture_us < self._next_us - period // 4:

@@ -158,7 +158,8 @@ def test_a_video_file_is_streamed_and_every_frame_recorded_in_order(
     assert sender.proc.wait(30) == 0, sender.log_text()[-3000:]
     sender.wait_for_log(r"all sources have ended")
     handle.daemon.wait_for_log(r"connection closed .*stream=video .*reason=bye")
-    assert _received(handle, "video") == len(frames)
+    received = _received(handle, "video")
+    assert received == len(frames), sender.log_text()[-4000:] + handle.daemon.log_text()[-3000:]
     assert handle.daemon.stop() == 0
 
     recorded = _recorded(record_dir, "video")
