@@ -7,9 +7,9 @@ senders `avd bench` measured a p99 arrival latency of 96 ms and a writer too far
 record every frame. In a child process the recorder has an interpreter and a core to itself.
 
 Parent side, ``RecorderProcess`` (a ``MediaSink``, called on the event loop): each frame is
-packed (``avd.media.recorder_wire``) and queued; one flush per loop iteration hands the whole
-batch to the kernel with ``sendmsg`` (never blocking: a full socket resumes through
-``add_writer``). Frames beyond ``max_pending_bytes`` are dropped and reported done, as the
+packed (``avd.media.recorder_wire``) and queued; a flush 10 ms after the first of a batch
+hands the whole batch to the kernel with ``sendmsg`` (never blocking: a full socket resumes
+through ``add_writer``), so the child wakes once for many frames. Frames beyond ``max_pending_bytes`` are dropped and reported done, as the
 recorder does when its own queue is full. A reader thread takes the child's reports: DONE
 batches go to ``on_done`` (so acknowledgements still mean "in a file"), STATS snapshots
 answer ``stats()``.
@@ -184,8 +184,8 @@ class RecorderProcess:
             self._schedule_flush()
 
     def _claim_flush(self) -> bool:
-        """True for the first message since the last flush (lock held): one flush per loop
-        iteration, whatever the number of frames that came in it."""
+        """True for the first message since the last flush (lock held): one flush per batch,
+        whatever the number of frames that came in it."""
         first = not self._flush_scheduled
         self._flush_scheduled = True
         return first
