@@ -9,8 +9,9 @@ record every frame. In a child process the recorder has an interpreter and a cor
 Parent side, ``RecorderProcess`` (a ``MediaSink``, called on the event loop): each frame is
 packed (``avd.media.recorder_wire``) and queued; a flush 10 ms after the first of a batch
 hands the whole batch to the kernel with ``sendmsg`` (never blocking: a full socket resumes
-through ``add_writer``), so the child wakes once for many frames. Frames beyond ``max_pending_bytes`` are dropped and reported done, as the
-recorder does when its own queue is full. A reader thread takes the child's reports: DONE
+through ``add_writer``), so the child wakes once for many frames. Frames beyond
+``max_pending_bytes`` are dropped and reported done, as the recorder does when its own queue
+is full. A reader thread takes the child's reports: DONE
 batches go to ``on_done`` (so acknowledgements still mean "in a file"), STATS snapshots
 answer ``stats()``.
 
