@@ -27,21 +27,30 @@ from avd.tls import receiver_context, sender_context
 from avd.tokens import Token
 
 
+def make_client(
+    loop: asyncio.AbstractEventLoop, endpoint: Endpoint, backoff: Backoff
+) -> StreamClient:
+    return StreamClient(
+        kind=StreamKind.VIDEO,
+        endpoint=endpoint,
+        sender_id="cam1",
+        token=Token("t" * 43),
+        media_format=VideoFormat(640, 480, 20, 70),
+        queue=DropOldestQueue[tuple[int, CapturedFrame]](4, loop),
+        spool=Spool(max_bytes=1 << 20, max_age_us=10**9),
+        metrics=SenderMetrics(),
+        backoff=backoff,
+    )
+
+
 def test_an_unexpected_error_in_a_session_is_logged_and_the_stream_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario() -> int:
-        loop = asyncio.get_running_loop()
-        client = StreamClient(
-            kind=StreamKind.VIDEO,
-            endpoint=Endpoint("127.0.0.1", 9, "localhost", ssl.create_default_context(), 1.0),
-            sender_id="cam1",
-            token=Token("t" * 43),
-            media_format=VideoFormat(640, 480, 20, 70),
-            queue=DropOldestQueue[tuple[int, CapturedFrame]](4, loop),
-            spool=Spool(max_bytes=1 << 20, max_age_us=10**7),
-            metrics=SenderMetrics(),
-            backoff=Backoff(first_s=0.01, cap_s=0.02),
+        client = make_client(
+            asyncio.get_running_loop(),
+            Endpoint("127.0.0.1", 9, "localhost", ssl.create_default_context(), 1.0),
+            Backoff(first_s=0.01, cap_s=0.02),
         )
         stop = asyncio.Event()
         attempts = 0
@@ -76,22 +85,6 @@ class RecordingBackoff(Backoff):
         delay = super().next_delay(failure)
         self.delays.append(delay)
         return delay
-
-
-def make_client(
-    loop: asyncio.AbstractEventLoop, endpoint: Endpoint, backoff: Backoff
-) -> StreamClient:
-    return StreamClient(
-        kind=StreamKind.VIDEO,
-        endpoint=endpoint,
-        sender_id="cam1",
-        token=Token("t" * 43),
-        media_format=VideoFormat(640, 480, 20, 70),
-        queue=DropOldestQueue[tuple[int, CapturedFrame]](4, loop),
-        spool=Spool(max_bytes=1 << 20, max_age_us=10**9),
-        metrics=SenderMetrics(),
-        backoff=backoff,
-    )
 
 
 def delays_after_welcomed_sessions_ending_with(end: BaseException, sessions: int) -> list[float]:
