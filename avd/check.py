@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avd import protocol
+from avd import eventloop, protocol
 from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
 from avd.config import (
@@ -161,7 +161,7 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
         check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
     kind = StreamKind.AUDIO if settings.video_source == "none" else StreamKind.VIDEO
-    asyncio.run(
+    eventloop.run(
         probe_receiver(
             settings,
             context=context,
@@ -169,7 +169,8 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
             kind=kind,
             report=report,
             timeout_s=timeout_s,
-        )
+        ),
+        settings.event_loop,
     )
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from avd import __version__
+from avd import __version__, eventloop
 from avd.config import (
     CommonSettings,
     ReceiverSettings,
@@ -28,7 +28,7 @@ from avd.config import (
     settings_help,
 )
 from avd.daemon import cancel_quietly, install_signal_handlers, keep_systemd_informed
-from avd.errors import AvdError, CertsExistError, ConfigError
+from avd.errors import AvdError, CertsExistError, ConfigError, ListenError
 from avd.logs import LogEvent, log_event, setup_logging
 from avd.media.base import MediaSink
 from avd.media.done import FrameDone, OnDone
@@ -77,12 +77,15 @@ def _run_daemon(role: str, settings_cls: type[CommonSettings], env_file: Path | 
     setup_logging(role=role, log_format=settings.log_format, level=settings.log_level)
     try:
         if isinstance(settings, ReceiverSettings):
-            return asyncio.run(run_receiver(settings))
+            return eventloop.run(run_receiver(settings), settings.event_loop)
         assert isinstance(settings, SenderSettings)
-        return asyncio.run(run_sender(settings))
+        return eventloop.run(run_sender(settings), settings.event_loop)
     except ConfigError as exc:
         log.error("%s", exc)
         return EX_CONFIG
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1  # the port may be free by the next start
     except KeyboardInterrupt:
         return 0
     except Exception:

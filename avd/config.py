@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avd.errors import ConfigError
+from avd.eventloop import EventLoopName
 from avd.media.base import AudioFormat, VideoFormat
 from avd.protocol import SENDER_ID_RE
 
@@ -70,6 +71,9 @@ class CommonSettings(BaseSettings):
     )
     log_format: LogFormat = Field("auto", description="auto, journal, text or json")
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    event_loop: EventLoopName = Field(
+        "uvloop", description="uvloop, or asyncio for Python's own event loop"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -43,6 +43,12 @@ class FrameTooLarge(RemoteProtocolError):
     """A frame's length field is over the limit for its kind; nothing was buffered."""
 
 
+class ListenError(AvdError):
+    """A port cannot be listened on (in use, or an address not of this host). The message
+    names the variables; unlike a bad setting it may pass, so the daemon exits 1, restartable.
+    """
+
+
 class AuthError(AvdError):
     """Authentication failed. The peer is never told why."""
 

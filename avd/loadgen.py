@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from avd import protocol
+from avd import eventloop, protocol
 from avd.clock import monotonic_us
 from avd.errors import RemoteProtocolError
 from avd.media.base import StreamKind, VideoFormat
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m avd.loadgen CONFIG.json", file=sys.stderr)
         return 2
-    report = asyncio.run(_serve(LoadConfig.load(Path(args[0]))))
+    report = eventloop.run(_serve(LoadConfig.load(Path(args[0]))))
     print("loadgen report " + json.dumps(asdict(report)), flush=True)
     return 0
 

@@ -10,9 +10,9 @@ to every peer and waits for the sessions to end, within a deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
-import os
+import socket
 import ssl
 import time
 from collections import Counter as Tally
@@ -20,10 +20,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from avd import protocol
+from avd.accept import Acceptor, open_listeners, start_tls_streams, until_readable
 from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
 from avd.config import ReceiverSettings
-from avd.errors import ConfigError
+from avd.errors import ConfigError, ListenError
 from avd.logs import CloseReason, connection_closed
 from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import MediaSink, StreamKind
@@ -34,31 +35,6 @@ from avd.tls import describe_tls, key_permission_problems, receiver_context
 from avd.tokens import TokenStore, removed_or_changed
 
 log = logging.getLogger("avd.receiver")
-
-
-async def _until_readable(writer: asyncio.StreamWriter) -> None:
-    """Waits, reading nothing, until the peer's first bytes are in the kernel's buffer."""
-    transport = writer.transport
-    assert isinstance(transport, asyncio.Transport)  # a TCP transport reads and writes
-    transport.pause_reading()  # start_tls resumes it
-    sock = transport.get_extra_info("socket")
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    # asyncio refuses a reader on a transport's descriptor; a duplicate watches the same socket.
-    watched = os.dup(sock.fileno())
-    try:
-        loop.add_reader(watched, ready)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(watched)
-    finally:
-        os.close(watched)
 
 
 def format_peer(peername: object) -> str:
@@ -104,7 +80,7 @@ class Receiver:
         self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
         self._per_ip: Tally[str] = Tally()
         self._handlers: set[asyncio.Task[None]] = set()
-        self._servers: list[asyncio.Server] = []
+        self._acceptors: list[Acceptor] = []
         self.ctx = SessionContext(
             tokens=lambda: self._tokens,
             metrics=metrics,
@@ -133,25 +109,29 @@ class Receiver:
     async def start(self) -> Listening:
         """Bind both ports (0 picks a free one) and start accepting."""
         ports = []
-        for kind, port in (
-            (StreamKind.VIDEO, self.settings.video_port),
-            (StreamKind.AUDIO, self.settings.audio_port),
+        for kind, port, variable in (
+            (StreamKind.VIDEO, self.settings.video_port, "AVD_VIDEO_PORT"),
+            (StreamKind.AUDIO, self.settings.audio_port, "AVD_AUDIO_PORT"),
         ):
-            server = await asyncio.start_server(
-                lambda r, w, k=kind: self._spawn(k, r, w),  # type: ignore[misc]
-                host=self.settings.bind,
-                port=port,
-                reuse_address=True,
-                limit=2**20,
-            )
-            self._servers.append(server)
-            ports.append(server.sockets[0].getsockname()[1])
+            try:
+                listeners = await open_listeners(self.settings.bind, port)
+            except OSError as exc:
+                self._stop_accepting()
+                where = f"AVD_BIND={self.settings.bind} {variable}={port}"
+                raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            for listener in listeners:
+                self._acceptors.append(Acceptor(listener, functools.partial(self._spawn, kind)))
+            ports.append(listeners[0].getsockname()[1])
         return Listening(video_port=ports[0], audio_port=ports[1])
+
+    def _stop_accepting(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors.clear()
 
     async def shutdown(self, deadline_s: float = 4.0) -> None:
         """Stop accepting, say goodbye to every session, wait for them, then cancel."""
-        for server in self._servers:
-            server.close()
+        self._stop_accepting()
         for session in list(self.sessions.values()):
             session.close(CloseReason.SHUTDOWN)
         pending = set(self._handlers)
@@ -161,9 +141,6 @@ class Receiver:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=1.0)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
 
     def reload_tokens(self) -> None:
         """Re-read the tokens file (SIGHUP); close sessions whose token went away."""
@@ -232,10 +209,8 @@ class Receiver:
                 self.settings.auth_max_failures,
             )
 
-    def _spawn(
-        self, kind: StreamKind, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(kind, reader, writer))
+    def _spawn(self, kind: StreamKind, sock: socket.socket, address: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(kind, sock, address))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
@@ -245,16 +220,13 @@ class Receiver:
             return False
         return self._per_ip[ip] < s.max_connections_per_ip
 
-    async def _handle(
-        self, kind: StreamKind, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = format_peer(peername)
-        ip = str(peername[0]) if isinstance(peername, tuple) else peer
+    async def _handle(self, kind: StreamKind, sock: socket.socket, address: object) -> None:
+        peer = format_peer(address)
+        ip = str(address[0]) if isinstance(address, tuple) else peer
         if self.lockout.is_locked(ip, time.monotonic()):
             # Refused unread and unlogged: the lockout itself was logged once.
             self.metrics.locked_out_connections.inc()
-            writer.transport.abort()
+            sock.close()
             return
         if not self._admit(ip):
             self.metrics.handshake_failures.labels(reason="too-many-connections").inc()
@@ -265,26 +237,18 @@ class Receiver:
                     peer,
                     suppressed_note(suppressed),
                 )
-            writer.transport.abort()
+            sock.close()
             return
         self._per_ip[ip] += 1
         try:
-            await self._handle_admitted(kind, reader, writer, peer, ip)
-        except Exception:
-            log.exception("unexpected error in the session of %s", peer)
-            writer.transport.abort()
+            await self._handle_admitted(kind, sock, peer, ip)
         finally:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 
     async def _handle_admitted(
-        self,
-        kind: StreamKind,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: str,
-        ip: str,
+        self, kind: StreamKind, sock: socket.socket, peer: str, ip: str
     ) -> None:
         timeout = self.settings.handshake_timeout_s
         started = monotonic_us()
@@ -293,24 +257,37 @@ class Receiver:
             async with asyncio.timeout(timeout):
                 # No TLS state (hundreds of KiB of buffers) until the peer has sent something:
                 # an idle flood then costs a socket each, not a TLS session each.
-                await _until_readable(writer)
-                await writer.start_tls(self.ssl_context, ssl_handshake_timeout=timeout + 1)
+                await until_readable(sock)
+                reader, writer = await start_tls_streams(
+                    sock, self.ssl_context, handshake_timeout_s=timeout + 1, limit=2**20
+                )
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
-            writer.transport.abort()
+            sock.close()
             self._tls_failed(kind, peer, ip, started, exc)
             return
-        version, cipher = describe_tls(writer.get_extra_info("ssl_object"))
-        session = Session(
-            self.ctx,
-            reader,
-            writer,
-            peer=peer,
-            port_kind=kind,
-            ip=ip,
-            tls_version=version,
-            tls_cipher=cipher,
-        )
-        await session.run(timeout - (monotonic_us() - started) / 1e6)
+        except Exception:
+            log.exception("unexpected error in the TLS handshake of %s", peer)
+            sock.close()
+            return
+        except BaseException:
+            sock.close()  # cancelled (shutdown) mid-handshake
+            raise
+        try:
+            version, cipher = describe_tls(writer.get_extra_info("ssl_object"))
+            session = Session(
+                self.ctx,
+                reader,
+                writer,
+                peer=peer,
+                port_kind=kind,
+                ip=ip,
+                tls_version=version,
+                tls_cipher=cipher,
+            )
+            await session.run(timeout - (monotonic_us() - started) / 1e6)
+        except Exception:
+            log.exception("unexpected error in the session of %s", peer)
+            writer.transport.abort()
 
     def _tls_failed(
         self, kind: StreamKind, peer: str, ip: str, started_us: int, exc: BaseException

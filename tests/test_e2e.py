@@ -289,6 +289,21 @@ def test_a_bad_setting_exits_78_naming_the_variable(
     assert len(output.strip().splitlines()) == 1, output
 
 
+def test_a_port_in_use_exits_1_naming_the_variable(
+    pki: CertPaths, creds: Credentials, tmp_path: Path
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = receiver_env(pki, creds.tokens_file, AVD_AUDIO_PORT=str(port))
+        daemon = Daemon("receiver", env, tmp_path / "daemon.log")
+        assert daemon.proc.wait(20) == 1  # not 78: restartable, the port may be freed
+    daemon.stop()
+    output = daemon.log_text()
+    assert f"AVD_BIND=127.0.0.1 AVD_AUDIO_PORT={port}" in output
+    assert "Address already in use" in output
+    assert "Traceback" not in output
+
+
 def test_hello_for_the_wrong_port_is_refused(
     pki: CertPaths, creds: Credentials, launch: Launcher
 ) -> None:

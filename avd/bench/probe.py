@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from avd import eventloop
 from avd.clock import monotonic_us
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 
@@ -77,7 +78,9 @@ def probe_main(argv: Sequence[str]) -> int:
     # not on the path to the screen.
     setup_logging(role="avd-bench-probe", log_format="text", level="WARNING")
     probe = ProbeSink()
-    asyncio.run(_serve_probe(settings, [probe, *build_receiver_sinks(settings)]))
+    eventloop.run(
+        _serve_probe(settings, [probe, *build_receiver_sinks(settings)]), settings.event_loop
+    )
     Path(argv[0]).write_text(json.dumps({"video": probe.video, "audio": probe.audio}))
     return 0
 

@@ -1,0 +1,141 @@
+"""Listening sockets, the accept loop, and TLS started only once a peer has sent something.
+
+The receiver accepts plain TCP itself rather than through ``asyncio.start_server``: a
+connection then stays a bare socket, costing a file descriptor and nothing else, until the
+peer's first bytes are in the kernel's buffer; only then does ``loop.connect_accepted_socket``
+give it a TLS transport (hundreds of KiB of buffers). An idle flood is cheap to hold until
+the handshake timeout drops it, and nothing is read before TLS takes the socket over. That
+last point is why the accepted sockets never get a plain transport first: uvloop starts
+reading a new transport as soon as it exists, so a ``start_tls`` after it would find the
+peer's ClientHello already consumed. The same code runs on uvloop and on asyncio's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+log = logging.getLogger("avd.receiver")
+
+# After an accept error (typically out of descriptors): a pause, as asyncio's own servers
+# make, so that the loop does not spin on a listening socket that stays readable.
+RESOURCE_PAUSE_S = 1.0
+BACKLOG = 512  # the receiver is built for hundreds of senders reconnecting at once
+
+Accepted = Callable[[socket.socket, object], None]
+
+
+async def open_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host``/``port``, as asyncio would make.
+
+    One socket per address ``host`` resolves to ("0.0.0.0", "::", a name); IPv6 sockets
+    are IPv6-only, so "0.0.0.0" and "::" can both be bound to one port.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+class Acceptor:
+    """Accepts every waiting connection on a listening socket when it is readable."""
+
+    def __init__(self, listener: socket.socket, accepted: Accepted) -> None:
+        self._listener = listener
+        self._accepted = accepted
+        self._loop = asyncio.get_running_loop()
+        self._resume: asyncio.TimerHandle | None = None
+        self._loop.add_reader(listener.fileno(), self._accept_waiting)
+
+    def _accept_waiting(self) -> None:
+        # The whole backlog at once: a burst of reconnecting senders costs one wake-up.
+        for _ in range(BACKLOG):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or memory for now (EMFILE, ENFILE, ENOBUFS, ENOMEM) or
+                # something stranger: either way, pausing beats spinning on the error.
+                log.error(
+                    "cannot accept connections on %s: %s; pausing %.0f s",
+                    _address_text(self._listener.getsockname()),
+                    exc.strerror or exc,
+                    RESOURCE_PAUSE_S,
+                )
+                self._loop.remove_reader(self._listener.fileno())
+                self._resume = self._loop.call_later(RESOURCE_PAUSE_S, self._listen_again)
+                return
+            sock.setblocking(False)
+            self._accepted(sock, address)
+
+    def _listen_again(self) -> None:
+        self._resume = None
+        self._loop.add_reader(self._listener.fileno(), self._accept_waiting)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket; accepted connections live on."""
+        if self._resume is not None:
+            self._resume.cancel()
+        with contextlib.suppress(OSError, ValueError):
+            self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+
+
+def _address_text(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]} port {address[1]}"
+    return str(address)
+
+
+async def until_readable(sock: socket.socket) -> None:
+    """Waits, reading nothing, until the peer's first bytes (or its FIN) have arrived."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def start_tls_streams(
+    sock: socket.socket, context: ssl.SSLContext, *, handshake_timeout_s: float, limit: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The server side of a TLS handshake on an accepted socket, as a reader and a writer.
+
+    The socket belongs to the transport once this returns; if it raises, the caller still
+    owns it and closes it (harmless if the transport already did).
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, sock, ssl=context, ssl_handshake_timeout=handshake_timeout_s
+    )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)

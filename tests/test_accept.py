@@ -1,0 +1,200 @@
+"""avd.accept on both event loops: real sockets on loopback, real TLS with avd's certificates.
+
+The race these tests are for: uvloop starts reading a transport as soon as it exists, so a
+receiver that made a plain transport and then called ``start_tls`` lost the ClientHello of
+a sender that spoke at once, and the handshake hung until its timeout. Every handshake here
+is from a client that sends its ClientHello the moment it connects, many times over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from avd import accept, eventloop
+from avd.certs import CertPaths
+from avd.eventloop import EventLoopName
+from avd.tls import receiver_context, sender_context
+
+LOOPS: list[EventLoopName] = ["asyncio", "uvloop"]
+
+
+def on(loop: EventLoopName, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    eventloop.run(main(), loop)
+
+
+def _client_context(pki: CertPaths) -> ssl.SSLContext:
+    return sender_context(ca=pki.ca_cert)
+
+
+def _tls_client(port: int, context: ssl.SSLContext, payload: bytes) -> bytes:
+    """A blocking TLS client (run in a thread): the ClientHello leaves as soon as it connects."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(payload)
+        return tls.recv(len(payload))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_tls_starts_on_an_accepted_socket_without_losing_the_client_hello(
+    loop: EventLoopName, pki: CertPaths
+) -> None:
+    server_context = receiver_context(cert=pki.receiver_cert, key=pki.receiver_key)
+    client_context = _client_context(pki)
+
+    async def echo_once(sock: socket.socket) -> None:
+        await accept.until_readable(sock)
+        reader, writer = await accept.start_tls_streams(
+            sock, server_context, handshake_timeout_s=5, limit=1 << 16
+        )
+        writer.write(await reader.readexactly(5))
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        (listener,) = await accept.open_listeners("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        handlers: list[asyncio.Task[None]] = []
+        acceptor = accept.Acceptor(
+            listener, lambda sock, _: handlers.append(asyncio.create_task(echo_once(sock)))
+        )
+        for n in range(40):
+            payload = f"hi{n:03d}".encode()
+            echoed = await asyncio.wait_for(
+                asyncio.to_thread(_tls_client, port, client_context, payload), 10
+            )
+            assert echoed == payload
+        await asyncio.gather(*handlers)
+        acceptor.close()
+
+    on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_until_readable_waits_for_the_first_bytes_and_reads_none(loop: EventLoopName) -> None:
+    async def main() -> None:
+        (listener,) = await accept.open_listeners("127.0.0.1", 0)
+        accepted: asyncio.Queue[socket.socket] = asyncio.Queue()
+        acceptor = accept.Acceptor(listener, lambda sock, _: accepted.put_nowait(sock))
+        with socket.create_connection(listener.getsockname()) as client:
+            server_side = await asyncio.wait_for(accepted.get(), 5)
+            waiting = asyncio.create_task(accept.until_readable(server_side))
+            await asyncio.sleep(0.2)
+            assert not waiting.done(), "readable before the peer sent anything"
+            client.sendall(b"hello")
+            await asyncio.wait_for(waiting, 5)
+            assert server_side.recv(5, socket.MSG_PEEK) == b"hello", "bytes were consumed"
+            server_side.close()
+        acceptor.close()
+
+    on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_burst_of_connections_is_accepted_and_close_stops_accepting(
+    loop: EventLoopName,
+) -> None:
+    async def main() -> None:
+        (listener,) = await accept.open_listeners("127.0.0.1", 0)
+        address = listener.getsockname()
+        accepted: list[tuple[socket.socket, object]] = []
+        acceptor = accept.Acceptor(listener, lambda sock, peer: accepted.append((sock, peer)))
+        clients = [socket.create_connection(address) for _ in range(100)]
+        for _ in range(100):
+            if len(accepted) == 100:
+                break
+            await asyncio.sleep(0.02)
+        assert len(accepted) == 100
+        ports = {peer[1] for _, peer in accepted if isinstance(peer, tuple)}
+        assert ports == {c.getsockname()[1] for c in clients}
+        assert all(not sock.getblocking() for sock, _ in accepted)
+        acceptor.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=2).close()
+        for sock, _ in accepted:
+            sock.close()
+        for client in clients:
+            client.close()
+
+    on(loop, main)
+
+
+def test_listeners_on_ipv6_are_ipv6_only() -> None:
+    async def main() -> None:
+        (listener,) = await accept.open_listeners("::1", 0)
+        with listener:
+            assert listener.family == socket.AF_INET6
+            assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+    on("asyncio", main)
+
+
+def test_a_port_in_use_is_an_error_and_leaves_nothing_open() -> None:
+    async def main() -> None:
+        (taken,) = await accept.open_listeners("127.0.0.1", 0)
+        with taken, pytest.raises(OSError) as caught:
+            await accept.open_listeners("127.0.0.1", taken.getsockname()[1])
+        assert caught.value.errno == errno.EADDRINUSE
+
+    on("asyncio", main)
+
+
+class _RunsOutOfDescriptors:
+    """A listening socket whose next ``accept`` fails as when the process hits its fd limit."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real, self.failures = real, 1
+        self.calls: list[tuple[float, bool]] = []  # (when, failed)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def getsockname(self) -> object:
+        return self.real.getsockname()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.calls.append((time.monotonic(), self.failures > 0))
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_accept_error_pauses_and_is_logged_then_accepting_resumes(
+    loop: EventLoopName, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accept, "RESOURCE_PAUSE_S", 0.2)
+
+    async def main() -> None:
+        (real,) = await accept.open_listeners("127.0.0.1", 0)
+        listener = _RunsOutOfDescriptors(real)
+        accepted: asyncio.Queue[socket.socket] = asyncio.Queue()
+        acceptor = accept.Acceptor(listener, lambda sock, _: accepted.put_nowait(sock))  # type: ignore[arg-type]
+        with socket.create_connection(real.getsockname()):
+            sock = await asyncio.wait_for(accepted.get(), 5)
+            sock.close()
+        acceptor.close()
+        # Not one retry during the pause (a lower bound: a slow machine cannot fail it).
+        (failed_at, failed), (retried_at, _) = listener.calls[:2]
+        assert failed
+        assert retried_at - failed_at >= 0.19
+
+    with caplog.at_level(logging.ERROR, logger="avd.receiver"):
+        on(loop, main)
+    (record,) = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert "Too many open files" in record.getMessage()
+    assert "127.0.0.1 port" in record.getMessage()
