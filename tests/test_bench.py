@@ -198,6 +198,11 @@ def test_a_child_that_exits_without_the_line_is_reported_with_its_output() -> No
     assert child.stop() == 0
 
 
+def test_memory_per_sender_is_over_the_idle_memory_of_the_same_daemon() -> None:
+    step = Step(200, rss_bytes=500 * MIB, rss_idle_bytes=100 * MIB)
+    assert step.rss_per_sender_bytes == 2 * MIB
+
+
 def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     probe = dict.fromkeys(
         ("frames", "transport_p50_ms", "decode_p50_ms", "imdecode_p50_ms", "chunks"), 1.0

@@ -90,9 +90,8 @@ def _run_daemons(
     progress("reconnection: avd-receiver killed (-9) and started again...")
     daemon, reconnects = reconnect_phase(ws, daemon, record_dir, plan.reconnect_tries)
     sender.stop()
-    time.sleep(0.5)  # the session has ended: the baseline holds no sender
-    baseline = procstat.rss_bytes(daemon.child.pid, tree=True)
-    steps = ramp(ws, daemon, plan, record_dir)
+    time.sleep(0.5)  # the session has ended: the ramp's idle memory holds no sender
+    steps, daemon = ramp(ws, daemon, plan, record_dir)
     daemon.child.stop()
     passed = [s for s in steps if s.passed]
     best = max(passed, key=lambda s: s.senders) if passed else steps[0]
@@ -109,7 +108,7 @@ def _run_daemons(
         "receiver_cpu_pct": cpu.receiver_pct,
         "receiver_idle_cpu_pct": idle_cpu,
         "reconnect_s": max(reconnects),
-        "receiver_rss_per_sender_mb": (best.rss_bytes - baseline) / best.senders / MIB,
+        "receiver_rss_per_sender_mb": best.rss_per_sender_bytes / MIB,
     }
     measured["paced_codec_p50_ms"] = codec.paced_p50_ms
     measured["paced_codec_p99_ms"] = codec.paced_p99_ms

@@ -102,7 +102,9 @@ What was measured:
                frame counted, none rejected, none missing from the recordings, at least 95 %
                of N x 20 frames/s received and p99 capture-to-arrival under 50 ms (the daemon's
                histogram has a 50 ms bucket boundary). Memory: VmRSS growth over the idle
-               daemon (both its processes), divided by N, at the largest step that passed."""
+               daemon (both its processes), divided by N, at the largest step that passed.
+               The halfway step after a failed one runs on a receiver started afresh, so
+               that what the allocator kept from the larger step is not counted in it."""
 
 
 def render(o: Outcome, plan: Plan, seconds: float) -> str:

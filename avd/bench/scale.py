@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from avd import procstat
-from avd.bench.daemons import Child, Receiving, Workspace, child_env
+from avd.bench.daemons import Child, Receiving, Workspace, child_env, start_receiver
 from avd.bench.plan import VGA, Plan, format_ms, progress
 from avd.demo import Samples, histogram_quantile, latency_buckets, scrape, total
 from avd.loadgen import LoadConfig
@@ -33,12 +33,17 @@ class Step:
     p99_ms: float | None = None
     receiver_cpu_pct: float = 0.0
     rss_bytes: int = 0
+    rss_idle_bytes: int = 0  # the same daemon's, before this ramp, with no sender
     loadgen_cpu_pct: float = 0.0  # all generator processes together
     loadgen_lag_ms: float = 0.0  # the worst generator's p99 lateness behind its schedule
 
     @property
     def passed(self) -> bool:
         return not self.problems
+
+    @property
+    def rss_per_sender_bytes(self) -> float:
+        return (self.rss_bytes - self.rss_idle_bytes) / self.senders
 
 
 def start_loadgens(ws: Workspace, daemon: Receiving, n: int) -> list[Child]:
@@ -171,18 +176,32 @@ def _judge(step: Step, start: Samples, end: Samples, reports: list[dict[str, Any
             step.problems.append(f"{count} {what}")
 
 
-def ramp(ws: Workspace, daemon: Receiving, plan: Plan, record_dir: Path) -> list[Step]:
-    """Steps of more senders until one fails; the full run then tries halfway, once."""
+def ramp(
+    ws: Workspace, daemon: Receiving, plan: Plan, record_dir: Path
+) -> tuple[list[Step], Receiving]:
+    """Steps of more senders until one fails; the full run then tries halfway, once.
+
+    Returns the steps and the daemon now running: the halfway step gets a daemon started
+    afresh, because memory the allocator kept from the larger, failed step is not the
+    halfway step's.
+    """
     steps: list[Step] = []
+    idle = procstat.rss_bytes(daemon.child.pid, tree=True)
     for n in plan.steps:
         progress(f"{n} senders at 20 fps...")
         steps.append(run_step(ws, daemon, n, plan, record_dir))
+        steps[-1].rss_idle_bytes = idle
         if not steps[-1].passed:
             break
     if not plan.quick and len(steps) > 1 and not steps[-1].passed:
         low, high = steps[-2].senders, steps[-1].senders
         middle = (low + high) // 2 // 10 * 10
         if low < middle < high:
-            progress(f"{middle} senders at 20 fps...")
+            daemon.child.stop()
+            daemon = start_receiver(ws, record_dir, (daemon.video_port, daemon.audio_port))
+            time.sleep(1.0)  # as before the ramp: started, idle
+            idle = procstat.rss_bytes(daemon.child.pid, tree=True)
+            progress(f"{middle} senders at 20 fps (a receiver started afresh)...")
             steps.append(run_step(ws, daemon, middle, plan, record_dir))
-    return steps
+            steps[-1].rss_idle_bytes = idle
+    return steps, daemon
