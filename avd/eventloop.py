@@ -1,11 +1,12 @@
 """The event loop the daemons run on: uvloop by default, asyncio's own on request.
 
 uvloop (libuv, Cython) wakes up and moves TLS records with less Python on the way than
-asyncio's selector loop. Measured here with ``avd bench``'s latency and throughput phases,
-on the same machine in the same hour: 20 fps latency p99 3.2-3.5 ms on asyncio against
-2.7-2.8 ms on uvloop, and about 5 % more frames per second unthrottled. ``AVD_EVENT_LOOP``
-switches back to asyncio's loop, should uvloop misbehave somewhere; the code is the same on
-both (the test suite runs the daemons on uvloop and its in-process tests on asyncio).
+asyncio's selector loop. Measured here in 4 paired runs of ``avd bench``'s unthrottled
+stream: 1210 against 1118 frames/s on average (+4 % to +17 %), with less CPU per frame. At
+20 fps its latency was the same as asyncio's within this shared machine's noise (p99 median
+of 6 paired runs 3.3 against 3.1 ms). ``AVD_EVENT_LOOP=asyncio`` switches back to asyncio's
+loop, should uvloop misbehave somewhere; the code is the same on both (the test suite runs
+the daemons on uvloop, its in-process tests on asyncio, and ``avd.accept`` on both).
 """
 
 from __future__ import annotations
