@@ -18,6 +18,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from avd import protocol
 from avd.accept import Acceptor, open_listeners, start_tls_streams, until_readable
@@ -80,6 +81,9 @@ class Receiver:
         self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
         self._per_ip: Tally[str] = Tally()
         self._handlers: set[asyncio.Task[None]] = set()
+        # Handlers of connections not yet a registered session (TLS handshake, hello), with
+        # their session once there is one: shutdown ends them at once, waiting for nothing.
+        self._establishing: dict[asyncio.Task[Any], Session | None] = {}
         self._acceptors: list[Acceptor] = []
         self.ctx = SessionContext(
             tokens=lambda: self._tokens,
@@ -132,6 +136,10 @@ class Receiver:
     async def shutdown(self, deadline_s: float = 4.0) -> None:
         """Stop accepting, say goodbye to every session, wait for them, then cancel."""
         self._stop_accepting()
+        for task, early in list(self._establishing.items()):
+            if early is not None:
+                early.close(CloseReason.SHUTDOWN)  # logged as such, not as an error
+            task.cancel()
         for session in list(self.sessions.values()):
             session.close(CloseReason.SHUTDOWN)
         pending = set(self._handlers)
@@ -176,6 +184,9 @@ class Receiver:
 
     def _register(self, session: Session) -> None:
         assert session.info is not None
+        task = asyncio.current_task()  # the connection's handler: sessions run in it
+        if task is not None:
+            self._establishing.pop(task, None)
         key = (session.info.sender_id, session.info.kind)
         old = self.sessions.get(key)
         self.sessions[key] = session
@@ -240,9 +251,14 @@ class Receiver:
             sock.close()
             return
         self._per_ip[ip] += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._establishing[task] = None
         try:
             await self._handle_admitted(kind, sock, peer, ip)
         finally:
+            if task is not None:
+                self._establishing.pop(task, None)
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
@@ -284,6 +300,9 @@ class Receiver:
                 tls_version=version,
                 tls_cipher=cipher,
             )
+            task = asyncio.current_task()
+            if task in self._establishing:
+                self._establishing[task] = session
             await session.run(timeout - (monotonic_us() - started) / 1e6)
         except Exception:
             log.exception("unexpected error in the session of %s", peer)
