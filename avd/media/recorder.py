@@ -76,7 +76,7 @@ class Recorder:
         *,
         segment_seconds: float = 60.0,
         retention: RetentionPolicy,
-        queue_frames: int = 2000,
+        queue_frames: int | None = 2000,
         queue_bytes: int | None = None,
         interleave_grace: float = 1.0,
         retry_seconds: float = 5.0,
@@ -89,7 +89,7 @@ class Recorder:
     ) -> None:
         if segment_seconds <= 0:
             raise ValueError(f"segment_seconds must be positive, got {segment_seconds}")
-        if queue_frames < 1:
+        if queue_frames is not None and queue_frames < 1:
             raise ValueError(f"queue_frames must be at least 1, got {queue_frames}")
         self.record_dir = record_dir
         self._retention = retention
@@ -108,7 +108,7 @@ class Recorder:
         self._settings = RecordingSettings(chain, retry_seconds, dedupe_window_s, backfill_idle_s)
         self._latest = LatestJpeg(record_dir, interval=latest_seconds)
         self._queue: queue.SimpleQueue[_Event] = queue.SimpleQueue()
-        self._queue_frames = queue_frames
+        self._queue_frames = queue_frames if queue_frames is not None else 1 << 62  # None: no bound
         self._queue_bytes = queue_bytes if queue_bytes is not None else 1 << 62
         self._queued_bytes = 0
         self._lock = threading.Lock()  # guards the four fields below and the senders dict

@@ -123,7 +123,7 @@ def child_main(argv: Sequence[str]) -> int:
         retention=config.retention,
         # Bounded by bytes, not frames: a burst of a hundred cameras starting at once (each
         # new segment costs the writer a few ms) must not cost frames, a slow disk neither.
-        queue_frames=1 << 30,
+        queue_frames=None,
         queue_bytes=config.buffer_bytes,
         on_done=reports.done,
     )
