@@ -32,8 +32,10 @@ Accepted = Callable[[socket.socket, object], None]
 async def open_listeners(host: str, port: int) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for ``host``/``port``, as asyncio would make.
 
-    One socket per address ``host`` resolves to ("0.0.0.0", "::", a name); IPv6 sockets
-    are IPv6-only, so "0.0.0.0" and "::" can both be bound to one port.
+    One socket per address ``host`` resolves to ("0.0.0.0", "::", a name; "" is every
+    IPv4 and every IPv6 address); IPv6 sockets are IPv6-only, so "0.0.0.0" and "::" can
+    both be bound to one port. With port 0, the first socket's port is used for the others,
+    so that one port number reaches all of them.
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
@@ -47,7 +49,8 @@ async def open_listeners(host: str, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            sock.bind((address[0], port, *address[2:]))
+            port = port or sock.getsockname()[1]
             sock.listen(BACKLOG)
             sock.setblocking(False)
     except BaseException:

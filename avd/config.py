@@ -104,7 +104,10 @@ class CommonSettings(BaseSettings):
 class ReceiverSettings(CommonSettings):
     """``avd-receiver``: listens, authenticates senders, records and plays."""
 
-    bind: str = Field("0.0.0.0", description="address to listen on (:: for IPv6)")  # noqa: S104
+    bind: str = Field(
+        "0.0.0.0",  # noqa: S104
+        description="address to listen on: 0.0.0.0 every IPv4 one, :: every IPv6 one, empty both",
+    )
     video_port: ListenPort = Field(5000, description="TCP port of the video stream (0: any)")
     audio_port: ListenPort = Field(5001, description="TCP port of the audio stream (0: any)")
     tls_cert: ExistingFile = Field(description="the receiver's certificate (PEM)")

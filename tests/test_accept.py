@@ -139,6 +139,32 @@ def test_listeners_on_ipv6_are_ipv6_only() -> None:
     on("asyncio", main)
 
 
+def test_every_address_listens_on_the_one_port_the_kernel_picked() -> None:
+    """A name with an IPv4 and an IPv6 address (as "" has: every address of both families;
+    here two loopback ones, so that nothing listens beyond this machine)."""
+
+    async def both_loopbacks(host: str | None, port: int, **_: object) -> list[Any]:
+        assert host == "both-loopbacks"
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+        ]
+
+    async def main() -> None:
+        asyncio.get_running_loop().getaddrinfo = both_loopbacks  # type: ignore[method-assign,assignment]
+        listeners = await accept.open_listeners("both-loopbacks", 0)
+        try:
+            assert [sock.family for sock in listeners] == [socket.AF_INET, socket.AF_INET6]
+            (port,) = {sock.getsockname()[1] for sock in listeners}
+            for host in ("127.0.0.1", "::1"):
+                socket.create_connection((host, port), timeout=5).close()
+        finally:
+            for sock in listeners:
+                sock.close()
+
+    on("asyncio", main)
+
+
 def test_a_port_in_use_is_an_error_and_leaves_nothing_open() -> None:
     async def main() -> None:
         (taken,) = await accept.open_listeners("127.0.0.1", 0)
