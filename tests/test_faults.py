@@ -10,21 +10,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from avd.certs import CertPaths
-
 from .conftest import (
-    Credentials,
     Daemon,
+    Launcher,
     ReceiverHandle,
     metric,
-    receiver_env,
     scrape,
-    sender_env,
-    start_receiver,
+    sender_metrics_url,
     wait_until,
 )
 from .faultproxy import FaultProxy
@@ -51,19 +46,11 @@ class Path_:
 
 
 @contextmanager
-def proxied_path(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> Iterator[Path_]:
-    receiver = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(receiver.daemon)
+def proxied_path(launch: Launcher) -> Iterator[Path_]:
+    receiver = launch.receiver()
     with FaultProxy(("127.0.0.1", receiver.video_port), buffer_bytes=64 * 1024) as proxy:
-        env = sender_env(
-            pki, receiver, "cam1", creds.tokens["cam1"],
-            AVD_VIDEO_PORT=str(proxy.port), AVD_AUDIO_SOURCE="none",
-        )  # fmt: skip
-        sender = Daemon("sender", env, tmp_path / "sender.log")
-        daemons.append(sender)
-        url = sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+        sender = launch.sender(receiver, AVD_VIDEO_PORT=str(proxy.port), AVD_AUDIO_SOURCE="none")
+        url = sender_metrics_url(sender)
         path = Path_(receiver, proxy, sender, url)
         wait_until(lambda: path.received() > 10)
         yield path
@@ -75,10 +62,8 @@ def _capture_rate(path: Path_, seconds: float) -> float:
     return (path.captured() - before) / seconds
 
 
-def test_a_stalled_path_never_blocks_capture_and_streaming_resumes(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    with proxied_path(pki, creds, tmp_path, daemons) as path:
+def test_a_stalled_path_never_blocks_capture_and_streaming_resumes(launch: Launcher) -> None:
+    with proxied_path(launch) as path:
         rss_before = rss_kb(path.sender.proc.pid)
         path.proxy.blackhole(True)
         # Capture goes on at full rate while nothing gets through.
@@ -96,10 +81,8 @@ def test_a_stalled_path_never_blocks_capture_and_streaming_resumes(
     assert path.sender.stop() == 0
 
 
-def test_a_reset_path_reconnects_at_once(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    with proxied_path(pki, creds, tmp_path, daemons) as path:
+def test_a_reset_path_reconnects_at_once(launch: Launcher) -> None:
+    with proxied_path(launch) as path:
         for _ in range(3):
             path.proxy.reset()
             before = path.received()
@@ -110,10 +93,8 @@ def test_a_reset_path_reconnects_at_once(
     assert path.sender.stop() == 0
 
 
-def test_a_delayed_path_keeps_streaming_at_full_rate(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    with proxied_path(pki, creds, tmp_path, daemons) as path:
+def test_a_delayed_path_keeps_streaming_at_full_rate(launch: Launcher) -> None:
+    with proxied_path(launch) as path:
         path.proxy.delay(0.2)
         time.sleep(1)
         before = path.received()

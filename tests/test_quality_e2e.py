@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from avd.certs import CertPaths
 from avd.demo import histogram_quantile, latency_buckets
 
-from .conftest import (
-    Credentials,
-    Daemon,
-    metric,
-    receiver_env,
-    scrape,
-    sender_env,
-    start_receiver,
-    wait_until,
-)
+from .conftest import Launcher, metric, scrape, sender_metrics_url, wait_until
 from .faultproxy import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -29,19 +18,13 @@ LINK_BYTES_PER_S = 160_000
 
 
 def test_a_link_too_slow_for_the_stream_lowers_quality_and_latency_stays_bounded(
-    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+    launch: Launcher,
 ) -> None:
-    handle = start_receiver(receiver_env(pki, creds.tokens_file), tmp_path / "receiver.log")
-    daemons.append(handle.daemon)
+    handle = launch.receiver()
     with FaultProxy(("127.0.0.1", handle.video_port), buffer_bytes=64 * 1024) as proxy:
         proxy.throttle(LINK_BYTES_PER_S, "up")
-        env = sender_env(
-            pki, handle, "cam1", creds.tokens["cam1"],
-            AVD_VIDEO_PORT=str(proxy.port), AVD_AUDIO_SOURCE="none",
-        )  # fmt: skip
-        sender = Daemon("sender", env, tmp_path / "sender.log")
-        daemons.append(sender)
-        url = sender.wait_for_log(r"metrics=(http://\S+)").group(1)
+        sender = launch.sender(handle, AVD_VIDEO_PORT=str(proxy.port), AVD_AUDIO_SOURCE="none")
+        url = sender_metrics_url(sender)
         wait_until(
             lambda: metric(scrape(url), "avd_quality_changes_total", direction="down") >= 2, 30
         )
