@@ -196,7 +196,10 @@ def run(seconds: float, workdir: Path) -> int:
             time.sleep(0.1)
         # Capture starts while TLS is still connecting, so the first frames arrive up to a
         # few hundred ms late, once. The figures are of the steady stream after them.
-        print(f"  streaming: 1 s to warm up, then {seconds:.0f} s measured (Ctrl-C stops early)...")
+        print(
+            f"  streaming: {WARM_UP_S:g} s to warm up, then {seconds:.0f} s measured"
+            " (Ctrl-C stops early)..."
+        )
         time.sleep(WARM_UP_S)
         before, started = scrape(url), time.monotonic()
         with contextlib.suppress(KeyboardInterrupt):

@@ -252,19 +252,18 @@ class Receiver:
             return
         self._per_ip[ip] += 1
         task = asyncio.current_task()
-        if task is not None:
-            self._establishing[task] = None
+        assert task is not None  # _spawn gives each connection a task of its own
+        self._establishing[task] = None
         try:
-            await self._handle_admitted(kind, sock, peer, ip)
+            await self._handle_admitted(kind, sock, peer, ip, task)
         finally:
-            if task is not None:
-                self._establishing.pop(task, None)
+            self._establishing.pop(task, None)
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 
     async def _handle_admitted(
-        self, kind: StreamKind, sock: socket.socket, peer: str, ip: str
+        self, kind: StreamKind, sock: socket.socket, peer: str, ip: str, task: asyncio.Task[Any]
     ) -> None:
         timeout = self.settings.handshake_timeout_s
         started = monotonic_us()
@@ -300,8 +299,7 @@ class Receiver:
                 tls_version=version,
                 tls_cipher=cipher,
             )
-            task = asyncio.current_task()
-            if task in self._establishing:
+            if task in self._establishing:  # not yet ended by a shutdown
                 self._establishing[task] = session
             await session.run(timeout - (monotonic_us() - started) / 1e6)
         except Exception:

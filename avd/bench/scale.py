@@ -33,7 +33,7 @@ class Step:
     p99_ms: float | None = None
     receiver_cpu_pct: float = 0.0
     rss_bytes: int = 0
-    rss_idle_bytes: int = 0  # the same daemon's, before this ramp, with no sender
+    rss_idle_bytes: int = 0  # the same daemon's before its first step, with no sender
     loadgen_cpu_pct: float = 0.0  # all generator processes together
     loadgen_lag_ms: float = 0.0  # the worst generator's p99 lateness behind its schedule
 
@@ -120,8 +120,12 @@ def _wait_recorded(record_dir: Path, before: int, expected: int) -> int:
         time.sleep(0.25)
 
 
-def run_step(ws: Workspace, daemon: Receiving, n: int, plan: Plan, record_dir: Path) -> Step:
-    step, before, recorded_before = Step(n), scrape(daemon.url), recorded_frames(record_dir)
+def run_step(
+    ws: Workspace, daemon: Receiving, n: int, plan: Plan, record_dir: Path, *, rss_idle_bytes: int
+) -> Step:
+    """One step of ``n`` senders; ``rss_idle_bytes``: the daemon's memory with none."""
+    step = Step(n, rss_idle_bytes=rss_idle_bytes)
+    before, recorded_before = scrape(daemon.url), recorded_frames(record_dir)
     generators = start_loadgens(ws, daemon, n)
     try:
         for g in generators:
@@ -189,8 +193,7 @@ def ramp(
     idle = procstat.rss_bytes(daemon.child.pid, tree=True)
     for n in plan.steps:
         progress(f"{n} senders at 20 fps...")
-        steps.append(run_step(ws, daemon, n, plan, record_dir))
-        steps[-1].rss_idle_bytes = idle
+        steps.append(run_step(ws, daemon, n, plan, record_dir, rss_idle_bytes=idle))
         if not steps[-1].passed:
             break
     if not plan.quick and len(steps) > 1 and not steps[-1].passed:
@@ -202,6 +205,5 @@ def ramp(
             time.sleep(1.0)  # as before the ramp: started, idle
             idle = procstat.rss_bytes(daemon.child.pid, tree=True)
             progress(f"{middle} senders at 20 fps (a receiver started afresh)...")
-            steps.append(run_step(ws, daemon, middle, plan, record_dir))
-            steps[-1].rss_idle_bytes = idle
+            steps.append(run_step(ws, daemon, middle, plan, record_dir, rss_idle_bytes=idle))
     return steps, daemon
