@@ -39,6 +39,10 @@ bench: bootstrap
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
-.PHONY: soak
+.PHONY: soak peers
 soak: bootstrap
 	$(PY) -m tests.soak
+
+# avd beside imagezmq and vidgear's NetGear, same frames, same run (about 2 minutes).
+peers: bootstrap
+	$(PY) -m tests.peers

@@ -20,6 +20,8 @@ import pytest
 from avd.certs import CertPaths
 from avd.clock import monotonic_us
 from avd.loadgen import camera_like_frames
+from avd.media import recorder_process
+from avd.media import recorder_wire as wire
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
 from avd.media.done import FrameDone
 from avd.media.recorder_process import RecorderConfig, RecorderProcess
@@ -93,6 +95,38 @@ def test_without_an_event_loop_frames_are_sent_at_once(tmp_path: Path) -> None:
     assert len(_recorded_packets(tmp_path / "cam1")) == 30
 
 
+def test_a_batch_waits_for_its_delay_unless_a_mebibyte_is_pending(tmp_path: Path) -> None:
+    """The child wakes per batch, not per frame; a burst of senders does not wait the delay."""
+    threshold = recorder_process._FLUSH_BYTES
+
+    async def run() -> tuple[list[tuple[int, int]], int, RecorderProcess]:
+        recorder = RecorderProcess(RecorderConfig(tmp_path))
+        recorder.stream_started(INFO)
+        start, queued, seen = monotonic_us(), 0, []
+        for seq in range(2 * threshold // min(map(len, JPEGS))):  # all in one loop iteration
+            frame = _frame(seq, start)
+            recorder.frame(INFO, frame)
+            queued += len(wire.frame_header(INFO.session_id, frame)) + len(frame.data)
+            seen.append((queued, recorder._pending_bytes))
+            if recorder._pending_bytes < queued:  # some went to the child
+                break
+        await asyncio.sleep(recorder_process._FLUSH_DELAY_S * 3)
+        after_delay = recorder._pending_bytes
+        await asyncio.to_thread(recorder.close)
+        return seen, after_delay, recorder
+
+    seen, after_delay, recorder = asyncio.run(run())
+    # Below the threshold every frame is held (the start message is held with them)...
+    assert all(queued < pending < threshold for queued, pending in seen[:-1])
+    # ...and the one that reaches it sends the batch at once, without waiting for the delay.
+    last_queued, last_pending = seen[-1]
+    assert last_queued + (seen[0][1] - seen[0][0]) >= threshold
+    assert last_pending < last_queued
+    assert after_delay == 0  # what the socket did not take then went out when it could
+    assert len(_recorded_packets(tmp_path / "cam1")) == len(seen)
+    assert recorder.stats()["cam1"].dropped == 0
+
+
 def test_frames_beyond_the_pending_limit_are_dropped_counted_and_reported(
     tmp_path: Path,
 ) -> None:
@@ -150,7 +184,9 @@ _PARENT = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     from avd.clock import monotonic_us
-    from avd.media.recorder_process import RecorderConfig, RecorderProcess
+    from avd.media import recorder_process
+from avd.media import recorder_wire as wire
+from avd.media.recorder_process import RecorderConfig, RecorderProcess
     from tests.test_recorder_process import INFO, _frame
     recorder = RecorderProcess(RecorderConfig(Path(sys.argv[1])))
     recorder.wait_ready(20)
@@ -211,7 +247,9 @@ def test_the_child_logs_to_the_daemons_stderr_in_its_format(
         """
         import sys
         from avd.clock import monotonic_us
-        from avd.media.recorder_process import RecorderConfig, RecorderProcess
+        from avd.media import recorder_process
+from avd.media import recorder_wire as wire
+from avd.media.recorder_process import RecorderConfig, RecorderProcess
         from tests.test_recorder_process import INFO, _frame
         recorder = RecorderProcess(RecorderConfig.from_json(sys.argv[1]))
         recorder.stream_started(INFO)

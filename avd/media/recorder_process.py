@@ -7,13 +7,12 @@ senders `avd bench` measured a p99 arrival latency of 96 ms and a writer too far
 record every frame. In a child process the recorder has an interpreter and a core to itself.
 
 Parent side, ``RecorderProcess`` (a ``MediaSink``, called on the event loop): each frame is
-packed (``avd.media.recorder_wire``) and queued; a flush 10 ms after the first of a batch
-hands the whole batch to the kernel with ``sendmsg`` (never blocking: a full socket resumes
-through ``add_writer``), so the child wakes once for many frames. Frames beyond
-``max_pending_bytes`` are dropped and reported done, as the recorder does when its own queue
-is full. A reader thread takes the child's reports: DONE
-batches go to ``on_done`` (so acknowledgements still mean "in a file"), STATS snapshots
-answer ``stats()``.
+packed (``avd.media.recorder_wire``) and queued; a flush 100 ms after the first of a batch,
+or once 1 MiB waits, hands the whole batch to the kernel with ``sendmsg`` (never blocking: a
+full socket resumes through ``add_writer``), so the child wakes once for many frames. Frames
+beyond ``max_pending_bytes`` are dropped and reported done, as the recorder does when its own
+queue is full. A reader thread takes the child's reports: DONE batches go to ``on_done`` (so
+acknowledgements still mean "in a file"), STATS snapshots answer ``stats()``.
 
 Failure: if the child exits while the receiver runs, the error is logged and ``on_failure``
 called; the daemon then stops with exit code 1 and systemd starts it again. Frames the child
@@ -57,10 +56,15 @@ _SOCKET_BUFFER = 4 * 1024 * 1024  # ~170 frames in the kernel: a child busy for 
 _IOV_MAX = 1024  # Linux's limit on the buffers of one sendmsg
 _READ_SIZE = 1024 * 1024
 _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the child (a hung NFS mount, say)
-# Frames are sent this long after the first of a batch: the child then wakes once for many
-# frames, not once per frame (its wake-ups, not its muxing, were most of its CPU at 1 stream
-# x 900 fps). Recording is not the live path; acknowledgements go out every 50 ms anyway.
-_FLUSH_DELAY_S = 0.01
+# Frames are sent this long after the first of a batch, or as soon as _FLUSH_BYTES wait: the
+# child then wakes once for many frames, not once per frame. Its wake-ups, not its muxing,
+# were most of the recording's CPU: at one 20 fps stream, 1.6-2.0 % of a core with a 10 ms
+# delay (a wake-up per frame in two processes and four threads), 0.7-1.0 % with 100 ms.
+# Recording is not the live path, and acknowledgements are batched every 100 ms anyway.
+_FLUSH_DELAY_S = 0.1
+# With hundreds of senders a batch fills this in a few ms: it goes out at once, so the
+# pending bytes stay far below max_pending_bytes and the child is fed steadily.
+_FLUSH_BYTES = 1024 * 1024
 # Only the daemon itself talks to systemd; its child must not (NotifyAccess=main anyway).
 _PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
@@ -129,6 +133,7 @@ class RecorderProcess:
         self._pending: deque[bytes | memoryview] = deque()
         self._pending_bytes = 0
         self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None  # touched on the loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_registered = False
         self._overflow = Overflow()
@@ -167,8 +172,9 @@ class RecorderProcess:
                 self._pending += (header, frame.data)
                 self._pending_bytes += len(header) + size
             first = self._claim_flush()
-        if first:
-            self._schedule_flush()
+            full = self._pending_bytes >= _FLUSH_BYTES
+        if first or full:
+            self._schedule_flush(now=full)
 
     def stream_ended(self, info: StreamInfo) -> None:
         self._queue(wire.end(info.session_id))
@@ -191,15 +197,21 @@ class RecorderProcess:
         self._flush_scheduled = True
         return first
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, *, now: bool = False) -> None:
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside a loop (a script, a test): send right away
             self._send_blocking()
             return
-        self._loop.call_later(_FLUSH_DELAY_S, self._flush)
+        if not now:
+            self._flush_timer = self._loop.call_later(_FLUSH_DELAY_S, self._flush)
+        elif not self._writer_registered:  # else the socket is full: its callback flushes
+            self._flush()
 
     def _flush(self) -> None:
+        if self._flush_timer is not None:  # an early flush makes the timed one pointless
+            self._flush_timer.cancel()
+            self._flush_timer = None
         with self._lock:
             self._flush_scheduled = False
             if not self._closing:

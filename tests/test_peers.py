@@ -1,0 +1,61 @@
+"""``python -m tests.peers``: its arithmetic, and a short real run of avd beside both peers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.peers.compare import frames_per_second, latency_ms, percentile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_latency_counts_the_frames_captured_inside_the_window() -> None:
+    rows = [(1_000, 3_000), (2_000, 2_500), (5_000, 9_000), (9_999, 10_001)]
+    assert latency_ms(rows, (2_000, 9_000)) == [0.5, 4.0]
+
+
+def test_throughput_counts_the_frames_decoded_inside_the_window() -> None:
+    rows = [(0, 999_999), (0, 1_000_000), (0, 1_500_000), (0, 2_000_000), (0, 2_000_001)]
+    assert frames_per_second(rows, (1_000_000, 2_000_000)) == 3.0
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == (
+        50.0,
+        99.0,
+        100.0,
+    )
+
+
+@pytest.mark.slow
+def test_a_quick_comparison_measures_all_three_systems(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.peers", "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    floor = figures["floor_ms"]
+    assert 0 < floor < 20
+    for name in ("avd", "imagezmq", "netgear"):
+        system = figures[name]
+        # 3 s at 20 fps: every frame of the window measured, none lost on loopback.
+        assert 55 <= system["frames"] <= 61, (name, system)
+        # One clock for both processes: a frame cannot arrive decoded before it was encoded
+        # and decoded (half the floor: NetGear's own codec is faster than cv2's).
+        assert floor / 2 < system["latency_p50_ms"] <= system["latency_p99_ms"] < 100, name
+        assert system["throughput_fps"] > 100, (name, system)
+        assert 0 < system["receiver_cpu_pct"] < 100, (name, system)
+    for line in ("avd (TLS 1.3, tokens, recording)", "imagezmq REQ/REP", "NetGear REQ/REP"):
+        assert line in run.stdout
+    assert "avd ahead of every peer on latency_p99_ms: " in run.stdout
