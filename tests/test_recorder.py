@@ -497,3 +497,31 @@ def test_full_disk_pauses_once_and_resumes_by_itself(
     for path in files:
         assert path.stat().st_size > 0, f"{path} is empty"
         assert any(kind == "video" for kind, _, _ in demux(path)), f"{path} holds no frame"
+
+
+def test_the_writer_ticks_once_a_second_when_no_stream_is_open(tmp_path: Path) -> None:
+    """An idle receiver's recorder wakes rarely; an open stream gets its 100 ms ticks back."""
+    recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.05)
+    ticks: list[float] = []
+    timed_work = recorder._tick
+
+    def counting_tick() -> None:
+        ticks.append(time.monotonic())
+        timed_work()
+
+    recorder._tick = counting_tick  # type: ignore[method-assign]
+    try:
+        time.sleep(0.3)  # past the first quiet tick
+        ticks.clear()
+        time.sleep(2.0)
+        idle_ticks = len(ticks)
+        recorder.stream_started(info(StreamKind.VIDEO))
+        wait_until(lambda: len(ticks) > idle_ticks)  # the start is handled at once
+        ticks.clear()
+        time.sleep(1.0)
+        open_ticks = len(ticks)
+        recorder.stream_ended(info(StreamKind.VIDEO))
+    finally:
+        recorder.close()
+    assert idle_ticks <= 3  # at 10 a second it would be 20
+    assert open_ticks >= 4

@@ -184,9 +184,7 @@ _PARENT = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     from avd.clock import monotonic_us
-    from avd.media import recorder_process
-from avd.media import recorder_wire as wire
-from avd.media.recorder_process import RecorderConfig, RecorderProcess
+    from avd.media.recorder_process import RecorderConfig, RecorderProcess
     from tests.test_recorder_process import INFO, _frame
     recorder = RecorderProcess(RecorderConfig(Path(sys.argv[1])))
     recorder.wait_ready(20)
@@ -247,9 +245,7 @@ def test_the_child_logs_to_the_daemons_stderr_in_its_format(
         """
         import sys
         from avd.clock import monotonic_us
-        from avd.media import recorder_process
-from avd.media import recorder_wire as wire
-from avd.media.recorder_process import RecorderConfig, RecorderProcess
+        from avd.media.recorder_process import RecorderConfig, RecorderProcess
         from tests.test_recorder_process import INFO, _frame
         recorder = RecorderProcess(RecorderConfig.from_json(sys.argv[1]))
         recorder.stream_started(INFO)
@@ -271,3 +267,51 @@ from avd.media.recorder_process import RecorderConfig, RecorderProcess
         assert all(line.startswith("{") for line in lines), lines
     else:
         assert all(" avd.media." in line for line in lines), lines
+
+
+class _ScriptedInbox:
+    """The child's inbox as a script: bytes to return, None for a timeout, b"" for EOF."""
+
+    def __init__(self, script: list[bytes | None]) -> None:
+        self.script, self.timeouts = script, list[float | None]()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeouts.append(timeout)
+
+    def recv(self, size: int) -> bytes:
+        chunk = self.script.pop(0)
+        if chunk is None:
+            raise TimeoutError
+        return chunk
+
+
+class _NoReports:
+    def stats_if_due(self, stats: object) -> None:
+        pass
+
+
+class _Streams:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def stream_started(self, info: StreamInfo) -> None:
+        self.events.append("start")
+
+    def stream_ended(self, info: StreamInfo) -> None:
+        self.events.append("end")
+
+    def stats(self) -> dict[str, object]:
+        return {}
+
+
+def test_the_childs_inbox_waits_a_second_when_no_stream_is_open() -> None:
+    """Counters go out every 250 ms while streams are open; an idle child wakes once a second."""
+    from avd.media import recorder_child  # noqa: PLC0415
+
+    short, idle = recorder_child._STATS_SECONDS, recorder_child._IDLE_SECONDS
+    assert idle >= 4 * short  # else there would be nothing to test
+    script = [None, None, wire.start(INFO), None, wire.end(INFO.session_id), None, None, b""]
+    inbox, recorder = _ScriptedInbox(script), _Streams()
+    recorder_child._serve(inbox, recorder, _NoReports())  # type: ignore[arg-type]
+    assert recorder.events == ["start", "end"]
+    assert inbox.timeouts == [short, idle, idle, short, short, short, idle, idle]

@@ -50,6 +50,10 @@ __all__ = ["FrameDone", "OnDone", "Recorder", "RecorderStats"]
 log = logging.getLogger(__name__)
 
 _TICK_SECONDS = 0.1  # how often an idle writer releases held frames and does timed work
+# With no stream open and a quiet tick behind it, the writer waits this long instead: a
+# receiver left alone for hours wakes once a second here, not ten times (timed work such as
+# retention or a backfill's last segment is then up to a second late; nothing is waiting).
+_IDLE_TICK_SECONDS = 1.0
 _REPORT_SECONDS = 0.05  # how often finished frames are reported: batches, not one per frame
 _BATCH_EVENTS = 256  # events handled in a row before timed work gets its turn
 _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the writer (a hung NFS mount, say)
@@ -117,6 +121,7 @@ class Recorder:
         self._overflow = Overflow()
         self._closed = False
         self._senders: dict[str, SenderRecording] = {}
+        self._open_streams: set[int] = set()  # session ids; the writer thread's only
         self._thread = threading.Thread(target=self._run, name="avd-recorder", daemon=True)
         self._thread.start()
 
@@ -198,9 +203,12 @@ class Recorder:
 
     def _run(self) -> None:
         next_tick = next_report = 0.0
-        stopping = False
+        stopping = quiet = False
         while not stopping:
-            for event in self._next_events():
+            idle = quiet and not self._open_streams
+            events = self._next_events(_IDLE_TICK_SECONDS if idle else _TICK_SECONDS)
+            quiet = not events
+            for event in events:
                 if event.kind == "stop":
                     stopping = True
                     break
@@ -215,10 +223,10 @@ class Recorder:
         self._safely(self._shutdown, "shutdown")
         self._safely(self._report_done, "done report")
 
-    def _next_events(self) -> list[_Event]:
-        """The next event (waiting up to a tick), and those queued behind it."""
+    def _next_events(self, wait_s: float) -> list[_Event]:
+        """The next event (waiting up to ``wait_s``), and those queued behind it."""
         try:
-            events = [self._queue.get(timeout=_TICK_SECONDS)]
+            events = [self._queue.get(timeout=wait_s)]
         except queue.Empty:
             return []
         while len(events) < _BATCH_EVENTS:
@@ -245,8 +253,10 @@ class Recorder:
         info, now = event.info, time.monotonic()
         sender = self._sender(info.sender_id)
         if event.kind == "start":
+            self._open_streams.add(info.session_id)
             sender.started(info, now)
         elif event.kind == "end":
+            self._open_streams.discard(info.session_id)
             sender.ended(info, now)
         elif event.frame is not None:
             if info.kind is StreamKind.VIDEO and sender.usable and not event.frame.late:

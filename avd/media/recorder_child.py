@@ -4,8 +4,9 @@
 ``RecorderProcess`` with the two socket ends it passes. The main thread reads frames and
 stream events from the inbox and hands them to the ``Recorder``, whose writer thread muxes;
 DONE batches (from the writer thread) and STATS (every ``_STATS_SECONDS``, when they
-changed) go back through the reports socket. SIGTERM and SIGINT are ignored: the child stops
-on STOP or when the inbox closes (the receiver died), after writing out what it holds.
+changed; at most once a second while no stream is open) go back through the reports
+socket. SIGTERM and SIGINT are ignored: the child stops on STOP or when the inbox closes
+(the receiver died), after writing out what it holds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ log = logging.getLogger("avd.media.recorder")
 
 _READ_SIZE = 1024 * 1024
 _STATS_SECONDS = 0.25  # how often the child sends its counters (when they changed)
+# With no stream open and nothing received for a while, the inbox waits this long: an idle
+# receiver's child wakes once a second, not four times (counters change little then).
+_IDLE_SECONDS = 1.0
 
 
 class _Reports:
@@ -71,8 +75,9 @@ def _serve(inbox: socket.socket, recorder: Recorder, reports: _Reports) -> None:
     """Feed the recorder until STOP or the parent's end of the socket closes."""
     streams: dict[int, StreamInfo] = {}
     reader = wire.MessageReader()
-    inbox.settimeout(_STATS_SECONDS)
+    data: bytes | None = b"?"  # as if something had come: the first wait is a short one
     while True:
+        inbox.settimeout(_STATS_SECONDS if streams or data is not None else _IDLE_SECONDS)
         try:
             data = inbox.recv(_READ_SIZE)
         except TimeoutError:
