@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.compare import frames_per_second, latency_ms, percentile
+from tests.peers.__main__ import verdict
+from tests.peers.compare import Figures, frames_per_second, latency_ms, percentile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,18 @@ def test_percentile_is_the_nearest_rank() -> None:
         99.0,
         100.0,
     )
+
+
+def test_the_verdict_says_yes_only_when_avd_beats_every_peer() -> None:
+    def system(p99_ms: float, fps: float, idle: float) -> Figures:
+        return Figures(1.0, p99_ms, 60, fps, 3.0, 3.0, idle)
+
+    avd = system(2.0, 1200, 0.0)
+    peers = [system(2.5, 1100, 0.0), system(3.0, 1300, 20.0)]
+    assert verdict(avd, peers, "latency_p99_ms", lower_is_better=True) == "yes"
+    assert verdict(avd, peers, "throughput_fps", lower_is_better=False) == "NO"
+    assert verdict(avd, peers, "receiver_idle_cpu_pct", lower_is_better=True) == "tie"
+    assert verdict(avd, peers[:1], "throughput_fps", lower_is_better=False) == "yes"
 
 
 @pytest.mark.slow
