@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.peers import compare
 from tests.peers.__main__ import verdict
-from tests.peers.compare import Figures, frames_per_second, latency_ms, percentile
+from tests.peers.compare import (
+    Durations,
+    Figures,
+    Sample,
+    combine,
+    frames_per_second,
+    latency_ms,
+    percentile,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +41,45 @@ def test_percentile_is_the_nearest_rank() -> None:
         99.0,
         100.0,
     )
+
+
+def test_rounds_pool_the_latencies_and_take_the_median_of_the_rest() -> None:
+    def cpu(x: float) -> dict[str, float]:
+        return {"sender": x, "receiver": 2 * x, "idle": x / 10}
+
+    rounds = [
+        Sample([1.0, 2.0], 100, cpu(1)),
+        Sample([3.0, 4.0], 300, cpu(5)),
+        Sample([5.0, 6.0], 200, cpu(3)),
+    ]
+    figures = combine(rounds)
+    assert (figures.latency_p50_ms, figures.latency_p99_ms, figures.frames) == (3.0, 6.0, 6)
+    assert figures.throughput_fps == 200
+    assert (figures.sender_cpu_pct, figures.receiver_cpu_pct) == (3, 6)
+    assert figures.receiver_idle_cpu_pct == 0.3
+
+
+def test_each_round_starts_one_system_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+
+    def measured(name: str) -> Sample:
+        order.append(name)
+        return Sample([1.0], 1.0, {"sender": 1, "receiver": 1, "idle": 0})
+
+    monkeypatch.setattr(compare, "measure_avd", lambda ws, d: measured("avd"))
+    monkeypatch.setattr(compare, "measure_peer", lambda ws, name, d: measured(name))
+    results = compare.measure_all(None, Durations(1, 1, 1), ("imagezmq", "netgear"), rounds=4)  # type: ignore[arg-type]
+    assert order == [
+        *("avd", "imagezmq", "netgear"),
+        *("imagezmq", "netgear", "avd"),
+        *("netgear", "avd", "imagezmq"),
+        *("avd", "imagezmq", "netgear"),
+    ]
+    assert {name: f.frames for name, f in results.items()} == {
+        "avd": 4,
+        "imagezmq": 4,
+        "netgear": 4,
+    }
 
 
 def test_the_verdict_says_yes_only_when_avd_beats_every_peer() -> None:

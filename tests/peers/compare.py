@@ -11,6 +11,9 @@ every frame, as a live view would. Per system:
 - throughput: a sender as fast as the system takes frames, encode and decode in the loop,
   frames decoded per second over ``throughput_s`` after a 1 s warm-up.
 
+With several rounds, each system is measured once per round, the rounds interleaved; the
+latency percentiles are over the frames of all rounds, the other figures are medians.
+
 avd runs exactly as ``avd bench`` runs it: the real ``avd-sender`` daemon (video only, like
 the peers) to the bench's probe receiver (the daemon's receiver with its recorder, plus a
 decoding sink), then the bench's unthrottled client. TLS 1.3, tokens and recording are on;
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -90,24 +94,39 @@ def frames_per_second(rows: Rows, window: tuple[int, int]) -> float:
     return decoded * 1e6 / (window[1] - window[0])
 
 
-def figures(
+@dataclass
+class Sample:
+    """One round of one system: what ``combine`` pools with the other rounds."""
+
+    latencies_ms: list[float]
+    throughput_fps: float
+    cpu: dict[str, float]  # sender, receiver (at 20 fps) and idle, % of one core
+
+
+def sample(
     slow: Rows,
     window: tuple[int, int],
     fast: Rows,
     fast_window: tuple[int, int],
     cpu: dict[str, float],
-) -> Figures:
+) -> Sample:
     latencies = latency_ms(slow, window)
     if not latencies:
         raise RuntimeError("no frame was decoded in the latency window")
+    return Sample(latencies, frames_per_second(fast, fast_window), cpu)
+
+
+def combine(samples: Sequence[Sample]) -> Figures:
+    """Latency percentiles over every round's frames; medians of the other figures."""
+    latencies = [ms for s in samples for ms in s.latencies_ms]
     return Figures(
         latency_p50_ms=percentile(latencies, 0.5),
         latency_p99_ms=percentile(latencies, 0.99),
         frames=len(latencies),
-        throughput_fps=frames_per_second(fast, fast_window),
-        sender_cpu_pct=cpu["sender"],
-        receiver_cpu_pct=cpu["receiver"],
-        receiver_idle_cpu_pct=cpu["idle"],
+        throughput_fps=statistics.median(s.throughput_fps for s in samples),
+        sender_cpu_pct=statistics.median(s.cpu["sender"] for s in samples),
+        receiver_cpu_pct=statistics.median(s.cpu["receiver"] for s in samples),
+        receiver_idle_cpu_pct=statistics.median(s.cpu["idle"] for s in samples),
     )
 
 
@@ -130,7 +149,7 @@ def _window(
     return (start, monotonic_us()), cpu
 
 
-def measure_avd(ws: Workspace, d: Durations) -> Figures:
+def measure_avd(ws: Workspace, d: Durations) -> Sample:
     rows_path = ws.root / "avd-probe.json"
     probe = start_receiver(ws, ws.root / "avd-recordings", probe=rows_path)
     idle = _idle_cpu(probe.child.pid, d.idle_s)
@@ -146,7 +165,7 @@ def measure_avd(ws: Workspace, d: Durations) -> Figures:
     video = json.loads(rows_path.read_text())["video"]
     slow = [(row[0], row[2]) for row in video.get("bench-cam", [])]
     fast = [(row[0], row[2]) for row in video.get("bench-tput", [])]
-    return figures(slow, window, fast, fast_window, cpu | {"idle": idle})
+    return sample(slow, window, fast, fast_window, cpu | {"idle": idle})
 
 
 def _free_port() -> int:
@@ -191,17 +210,24 @@ def _peer_run(
     return rows, window, cpu | measured
 
 
-def measure_peer(ws: Workspace, peer: str, d: Durations) -> Figures:
+def measure_peer(ws: Workspace, peer: str, d: Durations) -> Sample:
     slow, window, cpu = _peer_run(ws, peer, 20, d.window_s, d.idle_s)
     fast, fast_window, _ = _peer_run(ws, peer, 0, d.throughput_s)
-    return figures(slow, window, fast, fast_window, cpu)
+    return sample(slow, window, fast, fast_window, cpu)
 
 
-def measure_all(ws: Workspace, d: Durations, peers: Sequence[str] = PEERS) -> dict[str, Figures]:
-    results = {"avd": measure_avd(ws, d)}
-    for peer in peers:
-        results[peer] = measure_peer(ws, peer, d)
-    return results
+def measure_all(
+    ws: Workspace, d: Durations, peers: Sequence[str] = PEERS, rounds: int = 1
+) -> dict[str, Figures]:
+    """Every system once per round, each round starting one system later: a machine that
+    slows down or speeds up during the run weighs on all of them alike."""
+    systems = ["avd", *peers]
+    samples: dict[str, list[Sample]] = {name: [] for name in systems}
+    for r in range(rounds):
+        for name in systems[r % len(systems) :] + systems[: r % len(systems)]:
+            measured = measure_avd(ws, d) if name == "avd" else measure_peer(ws, name, d)
+            samples[name].append(measured)
+    return {name: combine(samples[name]) for name in systems}
 
 
 def as_dict(results: dict[str, Figures]) -> dict[str, dict[str, float]]:
