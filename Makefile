@@ -43,6 +43,6 @@ clean:
 soak: bootstrap
 	$(PY) -m tests.soak
 
-# avd beside imagezmq and vidgear's NetGear, same frames, same run (about 2 minutes).
+# avd beside imagezmq and vidgear's NetGear, same frames, same run (about 4 minutes).
 peers: bootstrap
 	$(PY) -m tests.peers
