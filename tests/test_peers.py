@@ -120,3 +120,18 @@ def test_a_quick_comparison_measures_all_three_systems(tmp_path: Path) -> None:
     for line in ("avd (TLS 1.3, tokens, recording)", "imagezmq REQ/REP", "NetGear REQ/REP"):
         assert line in run.stdout
     assert "avd ahead of every peer on latency_p99_ms: " in run.stdout
+
+
+def test_a_missing_peer_is_named_with_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util  # noqa: PLC0415
+
+    from tests.peers.__main__ import main  # noqa: PLC0415
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vidgear" else found(name)
+    )
+    assert main(["--quick"]) == 1
+    assert "vidgear not installed: pip install -e '.[peers]'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ measures, it does not judge; exit 1 if a system could not be measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -75,6 +76,13 @@ def render(codec: Codec, results: dict[str, Figures], rounds: int = 1) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {text})")
+    return value
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.peers", description=__doc__.split("\n\n")[0]
@@ -83,10 +91,19 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="the figures as JSON, last line")
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument(
-        "--rounds", type=int, help="rounds of every system, interleaved (full 3, quick 1)"
+        "--rounds", type=_positive, help="rounds of every system, interleaved (full 3, quick 1)"
     )
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
+    modules = {"imagezmq": "imagezmq", "netgear": "vidgear"}
+    missing = [modules[p] for p in args.peers if importlib.util.find_spec(modules[p]) is None]
+    if missing:
+        print(
+            f"peers: {', '.join(missing)} not installed: pip install -e '.[peers]'"
+            " (make peers installs it)",
+            file=sys.stderr,
+        )
+        return 1
     durations = QUICK if args.quick else FULL
     codec = measure_codec(200 if args.quick else 600)
     with tempfile.TemporaryDirectory(prefix="avd-peers-") as tmp:
