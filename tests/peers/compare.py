@@ -26,6 +26,7 @@ import json
 import math
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -185,7 +186,7 @@ def _finish(child: Child, timeout: float) -> None:
     """Waits for a worker to end by itself: the peers may hang, so not forever."""
     try:
         code = child.proc.wait(timeout)
-    except Exception:
+    except subprocess.TimeoutExpired:
         child.kill()
         raise RuntimeError(f"{child.name} did not finish within {timeout:g} s") from None
     if code != 0:
