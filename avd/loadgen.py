@@ -34,6 +34,7 @@ from avd.clock import monotonic_us
 from avd.errors import RemoteProtocolError
 from avd.media.base import StreamKind, VideoFormat
 from avd.protocol import GoodbyeReason, Role
+from avd.stats import percentile
 from avd.tls import sender_context
 
 MAX_BUFFERED_FRAMES = 4  # the real sender's video queue (AVD_VIDEO_QUEUE_FRAMES) holds 4
@@ -255,11 +256,6 @@ async def _pace(
     return skipped, lags
 
 
-def _percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else 0.0
-
-
 async def run_load(
     config: LoadConfig,
     frames: Sequence[bytes],
@@ -275,7 +271,7 @@ async def run_load(
     try:
         if sessions:
             report.skipped, lags = await _pace(sessions, frames, config.fps, stop)
-            report.lag_p99_ms = _percentile(lags, 0.99) / 1000
+            report.lag_p99_ms = percentile(lags, 0.99) / 1000 if lags else 0.0
             report.lag_max_ms = max(lags, default=0) / 1000
     finally:
         report.closed_early = sum(s.closed for s in sessions)

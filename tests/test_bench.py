@@ -20,7 +20,7 @@ from avd.bench.codec import bandwidth_rows, measure_codec
 from avd.bench.daemons import Child
 from avd.bench.phases import CpuFigures
 from avd.bench.plan import FULL, MIB
-from avd.bench.probe import ProbeSink, _percentile, analyse_probe
+from avd.bench.probe import ProbeSink, analyse_probe
 from avd.bench.report import KEYS, ROWS, Outcome, _targets, as_json, render
 from avd.bench.scale import Step, _wait_recorded, recorded_frames
 from avd.loadgen import camera_like_frames
@@ -129,13 +129,6 @@ def test_probe_analysis_picks_the_windows_and_exact_percentiles() -> None:
     assert result["undecodable"] == 0
     with pytest.raises(RuntimeError, match="no frames"):
         analyse_probe(rows, (2 * 10**6, 3 * 10**6), (0, 10**6))
-
-
-def test_percentile_is_the_nearest_rank() -> None:
-    values = list(range(1, 101))
-    assert _percentile(values, 0.5) == 50
-    assert _percentile(values, 0.99) == 99
-    assert _percentile([7.0], 0.99) == 7.0
 
 
 def _figures(**overrides: float) -> dict[str, float]:

@@ -18,7 +18,6 @@ from tests.peers.compare import (
     combine,
     frames_per_second,
     latency_ms,
-    percentile,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +31,6 @@ def test_latency_counts_the_frames_captured_inside_the_window() -> None:
 def test_throughput_counts_the_frames_decoded_inside_the_window() -> None:
     rows = [(0, 999_999), (0, 1_000_000), (0, 1_500_000), (0, 2_000_000), (0, 2_000_001)]
     assert frames_per_second(rows, (1_000_000, 2_000_000)) == 3.0
-
-
-def test_percentile_is_the_nearest_rank() -> None:
-    values = [float(v) for v in range(1, 101)]
-    assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == (
-        50.0,
-        99.0,
-        100.0,
-    )
 
 
 def test_rounds_pool_the_latencies_and_take_the_median_of_the_rest() -> None:

@@ -23,9 +23,9 @@ from avd.media.jpeg import jpeg_dimensions
 from avd.media.pacing import Pacer
 from avd.media.video import (
     CaptureSource,
+    TestPatternScene,
     TestPatternSource,
     _FrameRateCap,
-    _Scene,
     open_video_source,
 )
 
@@ -137,7 +137,7 @@ def test_test_pattern_follows_the_configured_size(width: int, height: int) -> No
 
 
 def test_rendering_a_frame_is_well_under_two_milliseconds() -> None:
-    scene = _Scene(640, 480, 20)
+    scene = TestPatternScene(640, 480, 20)
     timings = []
     for n in range(60):
         start = time.perf_counter()

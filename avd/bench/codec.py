@@ -7,7 +7,6 @@ from the same run. The bandwidth rows are offline: test-pattern frames encoded, 
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from avd.bench.plan import VGA
 from avd.loadgen import camera_like_frames
 from avd.media.base import AudioFormat, VideoFormat
 from avd.media.video import camera_like_images, encode_jpeg
+from avd.stats import percentile
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,6 @@ def _paced(images: list[Any], count: int, period_s: float) -> list[float]:
     return times
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 def measure_codec(count: int, paced: int = 0) -> Codec:
     """Rates in a tight loop over ``count`` frames; ``paced`` frames at 20 fps if not 0."""
     images = camera_like_images(VGA, 8)
@@ -78,8 +73,8 @@ def measure_codec(count: int, paced: int = 0) -> Codec:
         encode,
         decode,
         statistics.fmean(len(j) for j in jpegs),
-        _percentile(times, 0.5),
-        _percentile(times, 0.99),
+        percentile(times, 0.5),
+        percentile(times, 0.99),
     )
 
 

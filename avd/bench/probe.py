@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 from avd import eventloop
 from avd.clock import monotonic_us
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
+from avd.stats import percentile
 
 
 class ProbeSink:
@@ -108,12 +108,6 @@ async def _serve_probe(settings: Any, sinks: list[Any]) -> None:
     stop_metrics()
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Nearest rank: the smallest value with at least ``q`` of the values at or below it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 def analyse_probe(
     rows: dict[str, Any], window: tuple[int, int], throughput_window: tuple[int, int]
 ) -> dict[str, float]:
@@ -127,15 +121,15 @@ def analyse_probe(
         raise RuntimeError("the probe receiver got no frames in a measuring window")
     end_to_end = [(decoded - capture) / 1000 for capture, _, decoded, *_ in cam]
     return {
-        "latency_p50_ms": _percentile(end_to_end, 0.5),
-        "latency_p99_ms": _percentile(end_to_end, 0.99),
+        "latency_p50_ms": percentile(end_to_end, 0.5),
+        "latency_p99_ms": percentile(end_to_end, 0.99),
         "frames": len(cam),
-        "transport_p50_ms": _percentile([(a - c) / 1000 for c, a, *_ in cam], 0.5),
-        "decode_p50_ms": _percentile([(d - a) / 1000 for _, a, d, *_ in cam], 0.5),
-        "imdecode_p50_ms": _percentile([r[4] / 1000 for r in cam], 0.5),
-        "audio_latency_p99_ms": _percentile([(a - c) / 1000 for c, a in tone], 0.99),
+        "transport_p50_ms": percentile([(a - c) / 1000 for c, a, *_ in cam], 0.5),
+        "decode_p50_ms": percentile([(d - a) / 1000 for _, a, d, *_ in cam], 0.5),
+        "imdecode_p50_ms": percentile([r[4] / 1000 for r in cam], 0.5),
+        "audio_latency_p99_ms": percentile([(a - c) / 1000 for c, a in tone], 0.99),
         "chunks": len(tone),
         "throughput_fps": len(fast) * 1e6 / (throughput_window[1] - throughput_window[0]),
-        "throughput_imdecode_p50_ms": _percentile([r[4] / 1000 for r in fast], 0.5),
+        "throughput_imdecode_p50_ms": percentile([r[4] / 1000 for r in fast], 0.5),
         "undecodable": sum(not r[3] for r in cam + fast),
     }

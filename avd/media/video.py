@@ -75,12 +75,12 @@ class TestPatternSource:
         self._fmt = fmt
         self.description = f"test pattern {fmt.width}x{fmt.height}@{fmt.fps}"
         self._stop = threading.Event()
-        self._scene: _Scene | None = None
+        self._scene: TestPatternScene | None = None
         self._pacer: Pacer | None = None
         self._n = 0
 
     def open(self) -> None:
-        self._scene = _Scene(self._fmt.width, self._fmt.height, self._fmt.fps)
+        self._scene = TestPatternScene(self._fmt.width, self._fmt.height, self._fmt.fps)
         self._pacer = Pacer(self._fmt.fps)
         self._n = 0
 
@@ -113,12 +113,17 @@ def camera_like_images(fmt: VideoFormat, count: int) -> list[Image]:
     the JPEG sizes and codec times are those of a real stream. Seven frames apart, so that
     the moving shapes and the noise differ from one picture to the next.
     """
-    scene = _Scene(fmt.width, fmt.height, fmt.fps)  # drawn once: the background is costly
+    scene = TestPatternScene(fmt.width, fmt.height, fmt.fps)  # drawn once: the background is costly
     return [scene.render(7 * n).copy() for n in range(count)]  # render() reuses one buffer
 
 
-class _Scene:
-    """The precomputed parts of the test pattern, and the drawing of one frame."""
+class TestPatternScene:
+    """The precomputed parts of the test pattern, and the drawing of one frame.
+
+    Public for code that needs the pattern's pictures one by one without its JPEG and
+    pacing (``make peers`` hands them to NetGear, which encodes them itself)."""
+
+    __test__ = False  # a picture, not a pytest test class
 
     PAN = 128  # pixels of extra background width the view pans across
     NOISE = 8  # peak-to-peak sensor noise, in levels of 255

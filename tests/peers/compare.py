@@ -23,7 +23,6 @@ the peers have none of them.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from avd.bench.daemons import (
 )
 from avd.bench.phases import unthrottled_stream
 from avd.clock import monotonic_us
+from avd.stats import percentile
 
 PEERS = ("imagezmq", "netgear")
 LABELS = {
@@ -72,12 +72,6 @@ class Figures:
     sender_cpu_pct: float
     receiver_cpu_pct: float
     receiver_idle_cpu_pct: float
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest rank, as ``avd bench`` computes it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def latency_ms(rows: Rows, window: tuple[int, int]) -> list[float]:

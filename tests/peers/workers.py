@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +32,22 @@ import numpy as np
 
 from avd.bench.plan import VGA
 from avd.clock import monotonic_us
-from avd.media.video import _Scene, camera_like_images, encode_jpeg
+from avd.media.pacing import Pacer
+from avd.media.video import TestPatternScene, camera_like_images, encode_jpeg
 
 END = "end"
 Rows = list[tuple[int, int]]
 
 
 def paced(fps: float, seconds: float) -> Iterator[int]:
-    """Frame numbers at ``fps`` on an absolute schedule (no drift), or flat out if 0."""
-    period = 1 / fps if fps else 0.0
-    started = time.monotonic()
+    """Frame numbers for ``seconds``: at ``fps`` by avd's own ``Pacer`` (an absolute
+    schedule, as avd's test pattern is paced), or flat out if ``fps`` is 0."""
+    pacer, never = (Pacer(Fraction(fps)) if fps else None), threading.Event()
+    deadline = time.monotonic() + seconds
     n = 0
-    while time.monotonic() - started < seconds:
-        if period:
-            time.sleep(max(0.0, started + n * period - time.monotonic()))
+    while time.monotonic() < deadline:
+        if pacer is not None:
+            pacer.wait(n, never)
         yield n
         n += 1
 
@@ -53,7 +57,7 @@ def pictures(fps: float) -> Callable[[int], Any]:
     draws it (a copy, shapes and noise: about 0.2 ms); flat out, eight pictures drawn
     beforehand, as ``avd bench``'s unthrottled client uses them."""
     if fps:
-        return _Scene(VGA.width, VGA.height, VGA.fps).render
+        return TestPatternScene(VGA.width, VGA.height, VGA.fps).render
     images = camera_like_images(VGA, 8)
     return lambda n: images[n % len(images)]
 
