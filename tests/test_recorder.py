@@ -27,7 +27,14 @@ import numpy as np
 import pytest
 
 from avd.clock import monotonic_us
-from avd.media.base import AudioFormat, ReceivedFrame, StreamInfo, StreamKind, VideoFormat
+from avd.media.base import (
+    AudioFormat,
+    ReceivedFrame,
+    SinkEvent,
+    StreamInfo,
+    StreamKind,
+    VideoFormat,
+)
 from avd.media.recorder import FrameDone, Recorder
 from avd.media.retention import RetentionPolicy
 from avd.media.segment import ClosedSegment
@@ -191,8 +198,12 @@ def test_late_frames_join_the_live_segment_only_after_everything_in_it(tmp_path:
     assert [data for _, _, data in demux(backfill)] == [jpeg(1), jpeg(4)]
 
 
+@pytest.mark.parametrize("via", ["frame", "feed"])
 @pytest.mark.parametrize("bound", ["frames", "bytes"])
-def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path, bound: str) -> None:
+def test_a_full_queue_drops_and_counts_without_blocking(
+    tmp_path: Path, bound: str, via: str
+) -> None:
+    """Frame by frame, or a read's worth at once through ``feed``: the bound is the same."""
     release = threading.Event()
 
     def hold_writer(_: ClosedSegment) -> None:
@@ -216,15 +227,21 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path, bound: s
             and recorder.current_segment("cam1") is None
         )
     )
-    recorder.stream_started(info(StreamKind.VIDEO, session=2))
-    for i in range(1, 11):
-        recorder.frame(
-            info(StreamKind.VIDEO, session=2), received(i, BASE_US + i * 50_000, jpeg(i))
-        )
+    second = info(StreamKind.VIDEO, session=2)
+    frames = [received(i, BASE_US + i * 50_000, jpeg(i)) for i in range(1, 11)]
+    if via == "frame":
+        recorder.stream_started(second)
+        for frame in frames:
+            recorder.frame(second, frame)
+    else:
+        events = [SinkEvent("frame", second, frame) for frame in frames]
+        recorder.feed([SinkEvent("start", second), *events, SinkEvent("end", second)])
     assert recorder.stats()["cam1"].dropped == 7
     release.set()
     recorder.close()
     assert recorder.stats()["cam1"].video_frames == 4
+    kept = [data for path in segments(tmp_path) for _, _, data in demux(path)]
+    assert sorted(kept) == sorted(jpeg(i) for i in range(4)), "the first three were kept"
 
 
 def test_on_done_reports_every_frame_once_from_the_writer_thread_in_batches(

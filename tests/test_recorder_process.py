@@ -22,7 +22,7 @@ from avd.clock import monotonic_us
 from avd.loadgen import camera_like_frames
 from avd.media import recorder_process
 from avd.media import recorder_wire as wire
-from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
+from avd.media.base import ReceivedFrame, SinkEvent, StreamInfo, StreamKind, VideoFormat
 from avd.media.done import FrameDone
 from avd.media.recorder_process import RecorderConfig, RecorderProcess
 from tests.conftest import Credentials, receiver_env, start_receiver, wait_until
@@ -293,12 +293,11 @@ class _NoReports:
 class _Streams:
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.feeds: list[list[SinkEvent]] = []
 
-    def stream_started(self, info: StreamInfo) -> None:
-        self.events.append("start")
-
-    def stream_ended(self, info: StreamInfo) -> None:
-        self.events.append("end")
+    def feed(self, events: list[SinkEvent]) -> None:
+        self.events += [event.kind for event in events]
+        self.feeds.append(list(events))
 
     def stats(self) -> dict[str, object]:
         return {}
@@ -315,3 +314,36 @@ def test_the_childs_inbox_waits_a_second_when_no_stream_is_open() -> None:
     recorder_child._serve(inbox, recorder, _NoReports())  # type: ignore[arg-type]
     assert recorder.events == ["start", "end"]
     assert inbox.timeouts == [short, idle, idle, short, short, short, idle, idle]
+
+
+def _frame_message(seq: int, data: bytes) -> bytes:
+    frame = ReceivedFrame(seq, 1_000 + seq, 2_000 + seq, None, data)
+    return wire.frame_header(INFO.session_id, frame) + data
+
+
+def test_the_child_hands_the_recorder_a_whole_read_at_once() -> None:
+    """One hand-off to the writer thread per read of the inbox, not one per frame; a read
+    that ends inside a message hands over what it completed."""
+    from avd.media import recorder_child  # noqa: PLC0415
+
+    stream = wire.start(INFO) + _frame_message(1, b"one") + _frame_message(2, b"two")
+    stream += _frame_message(3, b"three") + wire.end(INFO.session_id)
+    cut = len(stream) - 20  # inside the third frame
+    inbox, recorder = _ScriptedInbox([stream[:cut], stream[cut:], b""]), _Streams()
+    recorder_child._serve(inbox, recorder, _NoReports())  # type: ignore[arg-type]
+    assert [[e.kind for e in feed] for feed in recorder.feeds] == [
+        ["start", "frame", "frame"],
+        ["frame", "end"],
+    ]
+    frames = [e.frame for feed in recorder.feeds for e in feed if e.frame is not None]
+    assert [(f.seq, f.data) for f in frames] == [(1, b"one"), (2, b"two"), (3, b"three")]
+
+
+def test_what_came_before_a_bad_message_is_still_recorded() -> None:
+    from avd.media import recorder_child  # noqa: PLC0415
+
+    stream = wire.start(INFO) + _frame_message(1, b"one") + wire.message(wire.Kind.READY)
+    inbox, recorder = _ScriptedInbox([stream]), _Streams()
+    with pytest.raises(wire.WireError, match="unexpected READY"):
+        recorder_child._serve(inbox, recorder, _NoReports())  # type: ignore[arg-type]
+    assert recorder.events == ["start", "frame"]

@@ -72,7 +72,7 @@ def test_start_end_and_pickled_reports_round_trip() -> None:
     assert wire.parse_session(messages[1][1]) == 4
     assert wire.unpickle(messages[2][1]) == [("cam1", StreamKind.AUDIO, 9)]
     assert RecorderStats(**wire.unpickle(messages[3][1])["cam1"]) == stats["cam1"]
-    assert messages[4][1] == b""
+    assert bytes(messages[4][1]) == b""
 
 
 @given(st.lists(st.binary(max_size=200), max_size=8), st.data())
@@ -84,7 +84,7 @@ def test_any_split_gives_the_same_messages(payloads: list[bytes], data: st.DataO
     for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         got += list(reader.feed(stream[start:stop]))
     assert [wire.parse_frame(body)[1] for _, body in got[:-1]] == frames
-    assert got[-1] == (Kind.END, (1).to_bytes(8, "little"))
+    assert (got[-1][0], bytes(got[-1][1])) == (Kind.END, (1).to_bytes(8, "little"))
     assert reader.pending == 0
 
 
@@ -93,7 +93,8 @@ def test_a_partial_message_waits_for_the_rest() -> None:
     reader = MessageReader()
     assert list(reader.feed(message[:7])) == []
     assert reader.pending == 7
-    assert list(reader.feed(message[7:])) == [(Kind.END, message[5:])]
+    [(kind, body)] = reader.feed(message[7:])
+    assert (kind, bytes(body)) == (Kind.END, message[5:])
 
 
 @pytest.mark.parametrize(
@@ -113,3 +114,17 @@ def test_short_bodies_are_errors() -> None:
         wire.parse_frame(b"abc")
     with pytest.raises(WireError, match="END body of 2 bytes"):
         wire.parse_session(b"ab")
+
+
+def test_bodies_are_views_of_what_was_fed_and_stay_valid() -> None:
+    """No copy of a body that one read holds whole; one cut by a read gets a buffer of its
+    own, which later reads do not overwrite."""
+    first, second, third = wire.end(1), wire.end(2), wire.end(3)
+    reader = MessageReader()
+    data = first + second[:3]
+    [(_, whole)] = reader.feed(data)
+    assert whole.obj is data
+    [(_, cut)] = reader.feed(second[3:] + third[:8])
+    [(_, last)] = reader.feed(third[8:])
+    assert [wire.parse_session(body) for body in (whole, cut, last)] == [1, 2, 3]
+    assert reader.pending == 0

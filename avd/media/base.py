@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 
 class StreamKind(enum.IntEnum):
@@ -98,6 +98,15 @@ class ReceivedFrame:
     local_capture_us: int | None  # capture time on the receiver's clock, once synced
     data: bytes
     late: bool = False  # delivered from the sender's spool after an outage
+
+
+@dataclass(frozen=True, slots=True)
+class SinkEvent:
+    """One ``MediaSink`` call as data (or "stop"): what a sink's own thread is handed."""
+
+    kind: Literal["start", "frame", "end", "stop"]
+    info: StreamInfo | None = None
+    frame: ReceivedFrame | None = None
 
 
 class MediaSink(Protocol):

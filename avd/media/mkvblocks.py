@@ -9,9 +9,11 @@ what survives a kill -9) and counts their blocks per track. Packets of one track
 file in the order they were muxed, so the first N muxed packets of a track are safe once N
 of its blocks are seen.
 
-Only the element headers of the file's top level are walked and only complete clusters are
-read; a cluster of unknown size (a live, unseekable output) stops the scan, which then errs
-on the safe side: nothing more is reported until the file is closed.
+Only element headers are read: those of the file's top level, and in each complete cluster
+those of its blocks with their track numbers (a few dozen bytes per block, not the media:
+reading whole clusters back cost the recorder a copy of every frame). A cluster of unknown
+size (a live, unseekable output) stops the scan, which then errs on the safe side: nothing
+more is reported until the file is closed.
 """
 
 from __future__ import annotations
@@ -28,23 +30,27 @@ _SIMPLE_BLOCK = 0xA3
 _BLOCK_GROUP = 0xA0
 _BLOCK = 0xA1
 _MAX_HEADER = 12  # a 4-byte ID and an 8-byte size
+_MAX_TRACK = 8  # a block's track number, the first field of its data
 
 
-def _vint(buf: bytes | memoryview, pos: int, *, keep_marker: bool) -> tuple[int, int] | None:
+def _vint(buf: bytes, pos: int, *, keep_marker: bool) -> tuple[int, int] | None:
     """(value, length) of the EBML variable-length integer at ``pos``; None if cut short."""
-    if pos >= len(buf) or buf[pos] == 0:
+    if pos >= len(buf):
         return None
     first = buf[pos]
+    if first & 0x80:  # one byte, by far the commonest: IDs of blocks, sizes under 127
+        return (first if keep_marker else first & 0x7F), 1
+    if first == 0:
+        return None
     length = 9 - first.bit_length()
     if pos + length > len(buf):
         return None
-    value = first if keep_marker else first & (0xFF >> length)
-    for byte in buf[pos + 1 : pos + length]:
-        value = value << 8 | byte
-    return value, length
+    value = int.from_bytes(buf[pos : pos + length], "big")
+    # The length marker is the highest 1 bit: bit 7 * length, counting from the lowest.
+    return (value if keep_marker else value & ((1 << (7 * length)) - 1)), length
 
 
-def _header(buf: bytes | memoryview, pos: int) -> tuple[int, int | None, int] | None:
+def _header(buf: bytes, pos: int) -> tuple[int, int | None, int] | None:
     """(element ID, data size or None if unknown, header length) at ``pos``."""
     ident = _vint(buf, pos, keep_marker=True)
     if ident is None:
@@ -56,30 +62,27 @@ def _header(buf: bytes | memoryview, pos: int) -> tuple[int, int | None, int] | 
     return ident[0], None if unknown else size[0], ident[1] + size[1]
 
 
-def _children(buf: memoryview) -> list[tuple[int, memoryview]]:
-    found: list[tuple[int, memoryview]] = []
-    pos = 0
-    while (head := _header(buf, pos)) is not None and head[1] is not None:
-        start = pos + head[2]
-        found.append((head[0], buf[start : start + head[1]]))
-        pos = start + head[1]
-    return found
-
-
-def count_blocks(cluster: memoryview) -> Counter[int]:
-    """Blocks per track number in one cluster's data (SimpleBlocks and BlockGroups)."""
-    tracks: Counter[int] = Counter()
-    for ident, element in _children(cluster):
-        if ident == _BLOCK_GROUP:
-            block = next((d for i, d in _children(element) if i == _BLOCK), memoryview(b""))
-        elif ident == _SIMPLE_BLOCK:
-            block = element
-        else:
-            continue
-        track = _vint(block, 0, keep_marker=False)
-        if track is not None:
-            tracks[track[0]] += 1
-    return tracks
+def _count_blocks(fd: int, start: int, end: int, tracks: Counter[int]) -> None:
+    """Count into ``tracks`` the blocks per track number among the elements of the file
+    between ``start`` and ``end`` (a cluster's data, or a BlockGroup's): SimpleBlocks, and
+    the Block of each BlockGroup. Only the element headers and the track numbers are read, a
+    few dozen bytes per block, not the media."""
+    pos = start
+    while pos < end:
+        buf = os.pread(fd, _MAX_HEADER + _MAX_TRACK, pos)
+        head = _header(buf, 0)
+        if head is None or head[1] is None:
+            return
+        ident, size, header_len = head[0], head[1], head[2]
+        if ident in (_SIMPLE_BLOCK, _BLOCK):  # a Block is met inside its BlockGroup
+            track = _vint(buf, header_len, keep_marker=False)
+            if track is not None:
+                tracks[track[0]] += 1
+            if ident == _BLOCK:
+                return  # a BlockGroup holds one Block; the rest of it is not needed
+        elif ident == _BLOCK_GROUP:
+            _count_blocks(fd, pos + header_len, pos + header_len + size, tracks)
+        pos += header_len + size
 
 
 class ClusterScanner:
@@ -118,33 +121,29 @@ class ClusterScanner:
         if size == self._size_seen:
             return found
         self._size_seen = size
-        while self._offset + 2 <= size:
-            step = self._step(self._file, size)
-            if step is None:
-                break
-            found += step
+        fd = self._file.fileno()
+        while self._offset + 2 <= size and self._step(fd, size, found):
+            pass
         return found
 
-    def _step(self, file: BinaryIO, size: int) -> Counter[int] | None:
-        """Read the top-level element at the offset and move past it; None to stop here."""
-        file.seek(self._offset)
-        head = _header(file.read(_MAX_HEADER), 0)
+    def _step(self, fd: int, size: int, found: Counter[int]) -> bool:
+        """Read the top-level element at the offset, count its blocks into ``found`` if it is
+        a cluster, and move past it; False to stop here."""
+        head = _header(os.pread(fd, _MAX_HEADER, self._offset), 0)
         if head is None:
-            return None
+            return False
         ident, length, header_len = head
         if not self._in_segment and ident == _SEGMENT:  # descend: clusters are its children
             self._in_segment = True
             self._offset += header_len
-            return Counter()
+            return True
         if length is None or not (self._in_segment or ident == _EBML_HEADER):
             self._stuck = True  # a live (unseekable) layout, or not Matroska at all
-            return None
+            return False
         end = self._offset + header_len + length
         if end > size:
-            return None  # not complete yet
-        blocks: Counter[int] = Counter()
+            return False  # not complete yet
         if ident == _CLUSTER:
-            file.seek(self._offset + header_len)
-            blocks = count_blocks(memoryview(file.read(length)))
+            _count_blocks(fd, self._offset + header_len, end, found)
         self._offset = end
-        return blocks
+        return True

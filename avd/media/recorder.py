@@ -32,12 +32,11 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
-from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
+from avd.media.base import ReceivedFrame, SinkEvent, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings
 from avd.media.done import FrameDone, OnDone, Overflow, RecorderStats
 from avd.media.latest import LatestJpeg
@@ -45,7 +44,7 @@ from avd.media.recording import RecordingSettings, SenderRecording
 from avd.media.retention import RetentionPolicy, enforce
 from avd.media.segment import ClosedSegment
 
-__all__ = ["FrameDone", "OnDone", "Recorder", "RecorderStats"]
+__all__ = ["FrameDone", "OnDone", "Recorder", "RecorderStats", "SinkEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,6 @@ _IDLE_TICK_SECONDS = 1.0
 _REPORT_SECONDS = 0.05  # how often finished frames are reported: batches, not one per frame
 _BATCH_EVENTS = 256  # events handled in a row before timed work gets its turn
 _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the writer (a hung NFS mount, say)
-
-
-@dataclass(frozen=True, slots=True)
-class _Event:
-    kind: Literal["start", "frame", "end", "stop"]
-    info: StreamInfo | None = None
-    frame: ReceivedFrame | None = None
 
 
 class Recorder:
@@ -111,7 +103,7 @@ class Recorder:
         )
         self._settings = RecordingSettings(chain, retry_seconds, dedupe_window_s, backfill_idle_s)
         self._latest = LatestJpeg(record_dir, interval=latest_seconds)
-        self._queue: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[SinkEvent | list[SinkEvent]] = queue.SimpleQueue()
         self._queue_frames = queue_frames if queue_frames is not None else 1 << 62  # None: no bound
         self._queue_bytes = queue_bytes if queue_bytes is not None else 1 << 62
         self._queued_bytes = 0
@@ -128,26 +120,42 @@ class Recorder:
     # --- the MediaSink side: on the event loop, never blocking -----------------------------
 
     def stream_started(self, info: StreamInfo) -> None:
-        self._queue.put(_Event("start", info))
+        self._queue.put(SinkEvent("start", info))
 
     def frame(self, info: StreamInfo, frame: ReceivedFrame) -> None:
         with self._lock:
+            if self._closed or not self._admit(info, frame):
+                return
+        self._queue.put(SinkEvent("frame", info, frame))
+
+    def feed(self, events: Iterable[SinkEvent]) -> None:
+        """Sink calls in their order, handed to the writer thread in one go. The recording
+        process feeds each read of its inbox so: one wake-up of the writer per read, not one
+        per frame, each of which cost a round of GIL hand-offs between the two threads."""
+        with self._lock:
             if self._closed:
                 return
-            size = len(frame.data)
-            if (
-                self._queued_frames >= self._queue_frames
-                or self._queued_bytes + size > self._queue_bytes
-            ):
-                self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
-                self._overflow.add(info.sender_id, info.kind, frame.seq)
-                return
-            self._queued_frames += 1
-            self._queued_bytes += size
-        self._queue.put(_Event("frame", info, frame))
+            kept = [e for e in events if e.frame is None or self._admit(e.info, e.frame)]
+        if kept:
+            self._queue.put(kept)
+
+    def _admit(self, info: StreamInfo | None, frame: ReceivedFrame) -> bool:
+        """Count a frame into the queue, or drop it if the queue is full (lock held)."""
+        assert info is not None
+        size = len(frame.data)
+        if (
+            self._queued_frames >= self._queue_frames
+            or self._queued_bytes + size > self._queue_bytes
+        ):
+            self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
+            self._overflow.add(info.sender_id, info.kind, frame.seq)
+            return False
+        self._queued_frames += 1
+        self._queued_bytes += size
+        return True
 
     def stream_ended(self, info: StreamInfo) -> None:
-        self._queue.put(_Event("end", info))
+        self._queue.put(SinkEvent("end", info))
 
     def close(self) -> None:
         """Write out what is queued, close every segment, report and stop the writer thread.
@@ -159,7 +167,7 @@ class Recorder:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(_Event("stop"))
+        self._queue.put(SinkEvent("stop"))
         self._thread.join(_CLOSE_TIMEOUT)
         if self._thread.is_alive():
             log.warning(
@@ -223,18 +231,24 @@ class Recorder:
         self._safely(self._shutdown, "shutdown")
         self._safely(self._report_done, "done report")
 
-    def _next_events(self, wait_s: float) -> list[_Event]:
-        """The next event (waiting up to ``wait_s``), and those queued behind it."""
+    def _next_events(self, wait_s: float) -> list[SinkEvent]:
+        """The next events (waiting up to ``wait_s``), and those queued behind them."""
+        events: list[SinkEvent] = []
         try:
-            events = [self._queue.get(timeout=wait_s)]
+            item = self._queue.get(timeout=wait_s)
         except queue.Empty:
-            return []
-        while len(events) < _BATCH_EVENTS:
+            return events
+        while True:
+            if isinstance(item, list):
+                events += item
+            else:
+                events.append(item)
+            if len(events) >= _BATCH_EVENTS:
+                return events
             try:
-                events.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
-        return events
+                return events
 
     def _safely(self, step: Callable[[], None], what: str) -> None:
         try:
@@ -243,7 +257,7 @@ class Recorder:
             # A bug must not stop recording for everyone, nor reach the event loop.
             log.exception("recorder: unexpected error in %s", what)
 
-    def _handle(self, event: _Event) -> None:
+    def _handle(self, event: SinkEvent) -> None:
         if event.kind == "frame":
             assert event.frame is not None
             with self._lock:

@@ -2,7 +2,8 @@
 
 ``python -m avd.media.recorder_child INBOX_FD REPORTS_FD CONFIG_JSON``, started by
 ``RecorderProcess`` with the two socket ends it passes. The main thread reads frames and
-stream events from the inbox and hands them to the ``Recorder``, whose writer thread muxes;
+stream events from the inbox and hands them to the ``Recorder``, a read's worth at a time
+(``Recorder.feed``), whose writer thread muxes;
 DONE batches (from the writer thread) and STATS (every ``_STATS_SECONDS``, when they
 changed; at most once a second while no stream is open) go back through the reports
 socket. SIGTERM and SIGINT are ignored: the child stops on STOP or when the inbox closes
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from avd.media import recorder_wire as wire
-from avd.media.base import StreamInfo
+from avd.media.base import SinkEvent, StreamInfo
 from avd.media.done import RecorderStats
 from avd.media.recorder_process import RecorderConfig
 from avd.media.recorder_wire import Kind
@@ -85,30 +86,34 @@ def _serve(inbox: socket.socket, recorder: Recorder, reports: _Reports) -> None:
         if data == b"":
             log.warning("recorder: the receiver went away; closing the recordings")
             return
-        for kind, body in reader.feed(data or b""):
-            if kind is Kind.STOP:
-                return
-            _dispatch(kind, body, streams, recorder)
+        events: list[SinkEvent] = []
+        try:
+            for kind, body in reader.feed(data or b""):
+                if kind is Kind.STOP:
+                    return
+                if (event := _event(kind, body, streams)) is not None:
+                    events.append(event)
+        finally:  # what came before a STOP or a bad message is still recorded
+            recorder.feed(events)
         reports.stats_if_due(recorder.stats)
 
 
-def _dispatch(kind: Kind, body: bytes, streams: dict[int, StreamInfo], recorder: Recorder) -> None:
+def _event(kind: Kind, body: memoryview, streams: dict[int, StreamInfo]) -> SinkEvent | None:
+    """The sink call a message stands for; None for the end of a stream never started."""
     if kind is Kind.FRAME:
         session_id, frame = wire.parse_frame(body)
         info = streams.get(session_id)
         if info is None:
             raise wire.WireError(f"a frame of session {session_id}, which never started")
-        recorder.frame(info, frame)
-    elif kind is Kind.START:
+        return SinkEvent("frame", info, frame)
+    if kind is Kind.START:
         info = wire.unpickle(body)
         streams[info.session_id] = info
-        recorder.stream_started(info)
-    elif kind is Kind.END:
+        return SinkEvent("start", info)
+    if kind is Kind.END:
         ended = streams.pop(wire.parse_session(body), None)
-        if ended is not None:
-            recorder.stream_ended(ended)
-    else:
-        raise wire.WireError(f"unexpected {kind.name} from the receiver")
+        return None if ended is None else SinkEvent("end", ended)
+    raise wire.WireError(f"unexpected {kind.name} from the receiver")
 
 
 def child_main(argv: Sequence[str]) -> int:

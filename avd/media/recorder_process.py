@@ -356,7 +356,7 @@ class RecorderProcess:
             if self._on_failure is not None:
                 self._on_failure(message)
 
-    def _on_report(self, kind: Kind, body: bytes) -> None:
+    def _on_report(self, kind: Kind, body: memoryview) -> None:
         if kind is Kind.DONE:
             self._report(wire.unpickle(body))
         elif kind is Kind.STATS:

@@ -84,7 +84,7 @@ def frame_header(session_id: int, frame: ReceivedFrame) -> bytes:
     )
 
 
-def parse_frame(body: bytes) -> tuple[int, ReceivedFrame]:
+def parse_frame(body: bytes | memoryview) -> tuple[int, ReceivedFrame]:
     """(session id, frame) from a FRAME body."""
     if len(body) < _FRAME.size:
         raise WireError(f"FRAME body of {len(body)} bytes, shorter than its fields")
@@ -94,13 +94,13 @@ def parse_frame(body: bytes) -> tuple[int, ReceivedFrame]:
         capture_us=capture_us,
         arrival_us=arrival_us,
         local_capture_us=local_us if flags & _HAS_LOCAL else None,
-        data=body[_FRAME.size :],
+        data=bytes(body[_FRAME.size :]),  # the one copy of the payload
         late=bool(flags & _LATE),
     )
     return session_id, frame
 
 
-def parse_session(body: bytes) -> int:
+def parse_session(body: bytes | memoryview) -> int:
     if len(body) != _SESSION.size:
         raise WireError(f"END body of {len(body)} bytes, expected {_SESSION.size}")
     value: int = _SESSION.unpack(body)[0]
@@ -117,40 +117,67 @@ def stats_body(stats: dict[str, RecorderStats]) -> dict[str, dict[str, Any]]:
     return {sender: {n: getattr(value, n) for n in names} for sender, value in stats.items()}
 
 
-def unpickle(body: bytes) -> Any:
+def unpickle(body: bytes | memoryview) -> Any:
     return pickle.loads(body)  # noqa: S301 - our own child process, see the module docstring
 
 
 class MessageReader:
-    """Splits a byte stream into (kind, body) messages, whatever sizes it arrives in."""
+    """Splits a byte stream into (kind, body) messages, whatever sizes it arrives in.
+
+    Bodies are memoryviews, not copies: into the ``bytes`` just fed, which the view keeps
+    alive, or, for a message that two reads cut in two, into a buffer of its own that
+    nothing else writes to. A FRAME's payload is then copied once, by ``parse_frame``, where
+    slicing the stream into bytes cost three copies of every frame.
+    """
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
-        self._buffer = bytearray()
+        self._partial = bytearray()  # the start of a message the last read cut short
         self._max_body = max_body
 
-    def feed(self, data: bytes) -> Iterator[tuple[Kind, bytes]]:
+    def feed(self, data: bytes) -> Iterator[tuple[Kind, memoryview]]:
         """Every message completed by ``data``; a partial one waits for the next call."""
-        buffer = self._buffer
-        buffer += data
-        pos = 0
+        view = memoryview(data)
+        pos = self._complete_partial(view) if self._partial else 0
+        if pos < 0:
+            return  # all of it went into the partial message, still not complete
+        if pos:
+            done, self._partial = self._partial, bytearray()
+            yield self._check(done, 0)[0], memoryview(done)[HEADER.size :]
+        end = len(view)
+        while end - pos >= HEADER.size:
+            kind, length = self._check(view, pos)
+            start_at = pos + HEADER.size
+            if end - start_at < length:
+                break
+            pos = start_at + length
+            yield kind, view[start_at:pos]
+        if pos < end:
+            self._partial += view[pos:]
+
+    def _complete_partial(self, view: memoryview) -> int:
+        """Move into the partial message the bytes it lacks: how many were taken, or -1 if
+        ``view`` ran out first."""
+        taken = 0
+        if len(self._partial) < HEADER.size:
+            taken = min(HEADER.size - len(self._partial), len(view))
+            self._partial += view[:taken]
+            if len(self._partial) < HEADER.size:
+                return -1
+        total = HEADER.size + self._check(self._partial, 0)[1]
+        more = min(total - len(self._partial), len(view) - taken)
+        self._partial += view[taken : taken + more]
+        return taken + more if len(self._partial) == total else -1
+
+    def _check(self, buffer: bytes | bytearray | memoryview, pos: int) -> tuple[Kind, int]:
+        raw_kind, length = HEADER.unpack_from(buffer, pos)
+        if length > self._max_body:
+            raise WireError(f"message of {length} bytes, over {self._max_body}")
         try:
-            while len(buffer) - pos >= HEADER.size:
-                raw_kind, length = HEADER.unpack_from(buffer, pos)
-                if length > self._max_body:
-                    raise WireError(f"message of {length} bytes, over {self._max_body}")
-                try:
-                    kind = Kind(raw_kind)
-                except ValueError:
-                    raise WireError(f"unknown message kind {raw_kind}") from None
-                start_at = pos + HEADER.size
-                if len(buffer) - start_at < length:
-                    break
-                pos = start_at + length
-                yield kind, bytes(buffer[start_at:pos])
-        finally:
-            del buffer[:pos]
+            return Kind(raw_kind), length
+        except ValueError:
+            raise WireError(f"unknown message kind {raw_kind}") from None
 
     @property
     def pending(self) -> int:
         """Bytes of a message not yet complete."""
-        return len(self._buffer)
+        return len(self._partial)
