@@ -70,10 +70,11 @@ def _count_blocks(fd: int, start: int, end: int, tracks: Counter[int]) -> None:
     pos = start
     while pos < end:
         buf = os.pread(fd, _MAX_HEADER + _MAX_TRACK, pos)
-        head = _header(buf, 0)
-        if head is None or head[1] is None:
+        if (head := _header(buf, 0)) is None:
             return
-        ident, size, header_len = head[0], head[1], head[2]
+        ident, size, header_len = head
+        if size is None:
+            return
         if ident in (_SIMPLE_BLOCK, _BLOCK):  # a Block is met inside its BlockGroup
             track = _vint(buf, header_len, keep_marker=False)
             if track is not None:
