@@ -325,3 +325,26 @@ def test_a_segment_killed_at_its_first_packets_leaves_no_unplayable_file(tmp_pat
             assert part_path(path).exists(), "the header waits under the .part name"
     assert published, "a segment takes its final name once a cluster is in it"
     assert 1 not in published, "a bare header is never under the final name"
+
+
+def _threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def test_open_segments_start_no_threads(tmp_path: Path) -> None:
+    """FFmpeg would open each MJPEG track's (unused) encoder with a thread per core: a
+    recorder of hundreds of senders ran two idle threads each on this 2-core machine."""
+    before = _threads()
+    writers = [
+        SegmentWriter(
+            tmp_path / f"{n}.mkv", sender_id="cam1", start_us=BASE_US, video=VIDEO, audio=AUDIO
+        )
+        for n in range(8)
+    ]
+    for writer in writers:
+        assert writer.write_video(BASE_US, jpeg(0))  # the header is written, the encoder opened
+    try:
+        assert _threads() == before
+    finally:
+        for writer in writers:
+            writer.close()
