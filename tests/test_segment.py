@@ -344,7 +344,7 @@ def test_open_segments_start_no_threads(tmp_path: Path) -> None:
     for writer in writers:
         assert writer.write_video(BASE_US, jpeg(0))  # the header is written, the encoder opened
     try:
-        assert _threads() == before
+        assert _threads() <= before  # not ==: a thread of an earlier test may end meanwhile
     finally:
         for writer in writers:
             writer.close()
