@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from avd.bench import scale
 from avd.bench.codec import bandwidth_rows, measure_codec
 from avd.bench.daemons import Child
 from avd.bench.phases import CpuFigures
-from avd.bench.plan import FULL, MIB
+from avd.bench.plan import FULL, MIB, Plan
+from avd.bench.plan import QUICK as QUICK_PLAN
 from avd.bench.probe import ProbeSink, analyse_probe
-from avd.bench.report import KEYS, ROWS, Outcome, _targets, as_json, render
+from avd.bench.report import KEYS, ROWS, Outcome, _steps_table, _targets, as_json, render
 from avd.bench.scale import Step, _wait_recorded, recorded_frames
 from avd.loadgen import camera_like_frames
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
@@ -227,3 +229,79 @@ def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     assert "2.20 ms of CPU per frame in all against the floor's 2.25 ms" in notes
     cores = os.cpu_count() or 1
     assert f"{cores} cores carry at most {cores * 1000 / 2.2:.0f} frames/s" in notes
+
+
+class _Daemon:
+    """Enough of a ``Receiving`` for ``ramp``: a real pid to read memory from."""
+
+    def __init__(self) -> None:
+        self.child = self
+        self.pid = os.getpid()
+        self.video_port = self.audio_port = 0
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _scripted_ramp(
+    monkeypatch: pytest.MonkeyPatch, outcomes: dict[int, list[tuple[bool, float]]], plan: Plan
+) -> tuple[list[Step], list[int]]:
+    """``ramp`` with each step's (passed, generator lag ms) taken in turn from ``outcomes``."""
+    ran: list[int] = []
+
+    def run_step(ws: object, daemon: object, n: int, *args: object, **kw: object) -> Step:
+        ran.append(n)
+        passed, lag = outcomes[n].pop(0)
+        return Step(n, [] if passed else ["p99 latency at or over 50 ms (80.0 ms)"],
+                    loadgen_lag_ms=lag)  # fmt: skip
+
+    monkeypatch.setattr(scale, "run_step", run_step)
+    monkeypatch.setattr(scale, "start_receiver", lambda *a, **kw: _Daemon())
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the halfway step's idle second
+    steps, _ = scale.ramp(object(), _Daemon(), plan, Path("/nonexistent"))  # type: ignore[arg-type]
+    return steps, ran
+
+
+def test_a_step_failed_under_late_generators_is_void_and_run_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 50 fails while the generators ran 286 ms late (the machine stalled): run again, passes;
+    # 100 fails on time: a real failure, not run again; halfway between 50 and 100 is 70.
+    outcomes = {25: [(True, 3.0)], 50: [(False, 286.0), (True, 3.5)], 100: [(False, 4.0)],
+                70: [(True, 3.0)]}  # fmt: skip
+    steps, ran = _scripted_ramp(monkeypatch, outcomes, FULL)
+    assert ran == [25, 50, 50, 100, 70]
+    assert [s.void for s in steps] == [False, True, False, False, False]
+    assert [s.passed for s in steps] == [True, False, True, False, True]
+
+
+def test_a_void_step_is_run_once_only_and_the_ramp_stops_if_it_fails_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outcomes = {25: [(True, 3.0)], 50: [(True, 3.0)], 100: [(False, 120.0), (False, 90.0)],
+                70: [(False, 60.0), (True, 2.0)]}  # fmt: skip
+    steps, ran = _scripted_ramp(monkeypatch, outcomes, FULL)
+    assert ran == [25, 50, 100, 100, 70, 70]
+    assert [s.void for s in steps] == [False, False, True, False, True, False]
+
+
+def test_the_quick_run_reports_late_generators_but_does_not_run_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outcomes = {25: [(True, 3.0)], 100: [(False, 300.0)]}
+    steps, ran = _scripted_ramp(monkeypatch, outcomes, QUICK_PLAN)
+    assert ran == [25, 100]
+    assert not any(s.void for s in steps)
+
+
+def test_the_steps_table_shows_the_generators_lag_and_marks_a_void_step() -> None:
+    late = Step(200, ["p99 latency at or over 50 ms (418.7 ms)"], 4000, 418.7, 110.0,
+                loadgen_lag_ms=286.0, void=True)  # fmt: skip
+    again = Step(200, [], 4010, 8.2, 92.0, loadgen_lag_ms=3.2)
+    rows = _steps_table([late, again]).splitlines()
+    assert "gen lag" in rows[0]
+    assert "286.0 ms" in rows[1]
+    assert "VOID, run again: FAIL: p99 latency at or over 50 ms (418.7 ms)" in rows[1]
+    assert "3.2 ms" in rows[2]
+    assert rows[2].endswith("pass")

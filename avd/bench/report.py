@@ -104,7 +104,10 @@ What was measured:
                histogram has a 50 ms bucket boundary). Memory: VmRSS growth over the idle
                daemon (both its processes), divided by N, at the largest step that passed.
                The halfway step after a failed one runs on a receiver started afresh, so
-               that what the allocator kept from the larger step is not counted in it."""
+               that what the allocator kept from the larger step is not counted in it.
+               "gen lag": how late the generators' frames went out behind their slots, p99.
+               A step that failed with it at 50 ms or more did not offer its load on time
+               (the machine stalled under it): the full run marks it void and runs it again."""
 
 
 def render(o: Outcome, plan: Plan, seconds: float) -> str:
@@ -143,14 +146,18 @@ def render(o: Outcome, plan: Plan, seconds: float) -> str:
 
 def _steps_table(steps: list[Step]) -> str:
     lines = [
-        "senders  frames/s  p99 arrival  receiver CPU  per stream  RSS MiB  loadgen CPU  result",
+        "senders  frames/s  p99 arrival  receiver CPU  per stream  RSS MiB  loadgen CPU  "
+        "gen lag  result",
     ]
     for s in steps:
         result = "pass" if s.passed else "FAIL: " + "; ".join(s.problems)
+        if s.void:
+            result = "VOID, run again: " + result
         lines.append(
             f"{s.senders:7}  {s.received_fps:8.0f}  {format_ms(s.p99_ms):>11}  "
             f"{s.receiver_cpu_pct:10.1f} %  {s.receiver_cpu_pct / s.senders:8.2f} %  "
-            f"{s.rss_bytes / MIB:7.0f}  {s.loadgen_cpu_pct:9.1f} %  {result}"
+            f"{s.rss_bytes / MIB:7.0f}  {s.loadgen_cpu_pct:9.1f} %  "
+            f"{format_ms(s.loadgen_lag_ms):>7}  {result}"
         )
     return "\n".join(lines)
 
