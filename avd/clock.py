@@ -38,6 +38,8 @@ class ClockSync:
 
     def __init__(self, window: int = 16) -> None:
         self._samples: deque[SyncSample] = deque(maxlen=window)
+        # Chosen once per heartbeat, not per frame: every frame's capture time is converted.
+        self._best: SyncSample | None = None
 
     def add(self, *, local_now_us: int, peer_sent_us: int, echoed_us: int, held_us: int) -> None:
         """Record one heartbeat exchange; ignores samples without an echo or with rtt < 0."""
@@ -48,15 +50,14 @@ class ClockSync:
             return
         offset = local_now_us - rtt // 2 - peer_sent_us
         self._samples.append(SyncSample(rtt_us=rtt, offset_us=offset))
+        self._best = min(self._samples, key=lambda s: s.rtt_us)  # the window may drop the old
 
     @property
     def ready(self) -> bool:
         return bool(self._samples)
 
     def best(self) -> SyncSample | None:
-        if not self._samples:
-            return None
-        return min(self._samples, key=lambda s: s.rtt_us)
+        return self._best
 
     @property
     def rtt_us(self) -> int | None:
@@ -70,5 +71,5 @@ class ClockSync:
 
     def to_local(self, peer_us: int) -> int | None:
         """A peer timestamp expressed on the local clock, once an estimate exists."""
-        offset = self.offset_us
-        return None if offset is None else peer_us + offset
+        best = self._best
+        return None if best is None else peer_us + best.offset_us

@@ -401,17 +401,29 @@ class FrameDecoder:
         end = HEADER.size + length
         if len(buf) < end:
             return None
-        body = bytes(buf[HEADER.size : end])
+        # One copy out of the buffer (slicing the bytearray would copy twice); the views are
+        # released before the buffer shrinks, which it refuses while one is exported.
+        with memoryview(buf) as view, view[HEADER.size : end] as part:
+            body = bytes(part)
         del buf[:end]
         return kind, body
 
 
+# Role and State key ``_ALLOWED_IN``, looked up for every message received. Enum's own
+# __hash__ is Python code (it hashes the name); members compare by identity, so hashing
+# by identity is equivalent, and done in C.
+
+
 class Role(enum.Enum):
+    __hash__ = object.__hash__
+
     SENDER = "sender"
     RECEIVER = "receiver"
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__
+
     AWAIT_HELLO = "await-hello"  # receiver: nothing received yet
     HELLO_RECEIVED = "hello-received"  # receiver: must answer welcome or refused
     AWAIT_WELCOME = "await-welcome"  # sender: hello sent

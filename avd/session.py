@@ -379,11 +379,11 @@ class Session:
     def _on_media(self, media: protocol.Media) -> None:
         info = self.info
         assert info is not None
-        stream = info.kind.label
         self._highest_seq = max(self._highest_seq, media.seq)
         try:
             self._validate(info, media.data)
         except BadFrame as exc:
+            stream = info.kind.label
             self.counters.rejected += 1
             # A fixed label set: the exception text holds numbers and would explode it.
             self.ctx.metrics.frames_rejected.labels(reason=f"{stream}-invalid").inc()

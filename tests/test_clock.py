@@ -113,3 +113,31 @@ def test_monotonic_us_is_an_increasing_integer() -> None:
     assert all(isinstance(reading, int) for reading in readings)
     assert readings == sorted(readings)
     assert readings[0] > 0
+
+
+@given(
+    window=st.integers(1, 5),
+    exchanges=st.lists(
+        st.tuples(st.integers(-50, 10**4), st.integers(-5, 10**4), st.integers(0, 10**4)),
+        max_size=30,
+    ),
+)
+def test_the_best_sample_is_the_smallest_round_trip_of_the_window_after_every_add(
+    window: int, exchanges: list[tuple[int, int, int]]
+) -> None:
+    """The best sample is kept as samples come (it is read for every frame): the same as
+    picking it afresh from the window's valid samples, after each one."""
+    sync, kept, t0 = ClockSync(window=window), [], 10**9
+    for d_out, offset, d_back in exchanges:  # a negative d_out makes an invalid round trip
+        exchange(sync, t0=t0, offset=offset, d_out=d_out, held=0, d_back=d_back)
+        t0 += 10**5
+        if d_out + d_back >= 0:
+            kept.append(d_out + d_back)
+        best = sync.best()
+        if not kept:
+            assert best is None
+            assert sync.to_local(123) is None
+            continue
+        assert best is not None
+        assert best.rtt_us == min(kept[-window:])
+        assert sync.to_local(1_000) == 1_000 + best.offset_us
