@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class Session:
         self._stream_open = False
         self._acks_sent = -1
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._last_ack_s = -math.inf  # on the loop's clock
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
         self._claimed_id: str | None = None  # an authenticated probe's id, for the log
 
@@ -424,9 +426,17 @@ class Session:
             self._schedule_ack()
 
     def _schedule_ack(self) -> None:
-        if self._ack_timer is None:
-            loop = asyncio.get_running_loop()
-            self._ack_timer = loop.call_later(ACK_DELAY_S, self._send_ack)
+        """An ack goes out at once if the last one went out ACK_DELAY_S ago or more, else
+        when that much time has passed: no timer (a wake-up of its own) while frames or the
+        recorder's reports come less often than that, as they do from a 20 fps stream."""
+        if self._ack_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_ack_s + ACK_DELAY_S - loop.time()
+        if wait <= 0:
+            self._send_ack()
+        else:
+            self._ack_timer = loop.call_later(wait, self._send_ack)
 
     def _send_ack(self) -> None:
         if self._ack_timer is not None:
@@ -435,6 +445,7 @@ class Session:
         open_states = (protocol.State.OPEN, protocol.State.GOODBYE_RECEIVED)
         if self.acks.acked > self._acks_sent and self.conn.state in open_states:
             self._acks_sent = self.acks.acked
+            self._last_ack_s = asyncio.get_running_loop().time()
             self._write(self.conn.send(protocol.Ack(self.acks.acked)))
             assert self.info is not None
             self.ctx.metrics.acks_sent.labels(stream=self.info.kind.label).inc()

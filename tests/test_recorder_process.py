@@ -127,6 +127,51 @@ def test_a_batch_waits_for_its_delay_unless_a_mebibyte_is_pending(tmp_path: Path
     assert recorder.stats()["cam1"].dropped == 0
 
 
+def test_a_steady_streams_own_frames_carry_its_batches_a_lone_frame_goes_on_the_timer(
+    tmp_path: Path,
+) -> None:
+    """A batch goes out with the first frame _FLUSH_AGE_S after its first: a steady stream
+    wakes nothing more than its own frames. The timer, later, is for a frame with no next."""
+    age, delay = recorder_process._FLUSH_AGE_S, recorder_process._FLUSH_DELAY_S
+
+    async def run() -> tuple[int, int, int, int, float, int]:
+        loop = asyncio.get_running_loop()
+        recorder = RecorderProcess(RecorderConfig(tmp_path))
+        start = monotonic_us()
+        recorder.stream_started(INFO)  # opens a batch, and its timer
+        timer = recorder._flush_timer
+        assert timer is not None
+        timer_in = timer.when() - loop.time()
+        recorder._batch_started = time.monotonic() + 60  # the batch is young, however slow we are
+        recorder.frame(INFO, _frame(0, start))
+        young = recorder._pending_bytes  # held: not due yet
+        recorder._batch_started = time.monotonic() - age  # as if _FLUSH_AGE_S had passed
+        recorder.frame(INFO, _frame(1, start + 50_000))
+        carried = recorder._pending_bytes  # this frame took the batch out with it
+        assert recorder._flush_timer is None  # and the batch's timer is gone
+        recorder.frame(INFO, _frame(2, start + 100_000))  # a new batch, then nothing more
+        lone = recorder._pending_bytes
+        await asyncio.sleep(3 * delay)
+        after_delay = recorder._pending_bytes
+        await asyncio.to_thread(recorder.close)
+        return (
+            young,
+            carried,
+            lone,
+            after_delay,
+            timer_in,
+            len(_recorded_packets(tmp_path / "cam1")),
+        )
+
+    young, carried, lone, after_delay, timer_in, recorded = asyncio.run(run())
+    assert young > len(JPEGS[0]) // 2
+    assert carried == 0
+    assert lone > 0
+    assert after_delay == 0
+    assert delay - 0.01 < timer_in <= delay
+    assert recorded == 3
+
+
 def test_frames_beyond_the_pending_limit_are_dropped_counted_and_reported(
     tmp_path: Path,
 ) -> None:

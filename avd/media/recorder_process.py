@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -56,12 +57,16 @@ _SOCKET_BUFFER = 4 * 1024 * 1024  # ~170 frames in the kernel: a child busy for 
 _IOV_MAX = 1024  # Linux's limit on the buffers of one sendmsg
 _READ_SIZE = 1024 * 1024
 _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the child (a hung NFS mount, say)
-# Frames are sent this long after the first of a batch, or as soon as _FLUSH_BYTES wait: the
-# child then wakes once for many frames, not once per frame. Its wake-ups, not its muxing,
-# were most of the recording's CPU: at one 20 fps stream, 1.6-2.0 % of a core with a 10 ms
-# delay (a wake-up per frame in two processes and four threads), 0.7-1.0 % with 100 ms.
-# Recording is not the live path, and acknowledgements are batched every 100 ms anyway.
-_FLUSH_DELAY_S = 0.1
+# A batch goes to the child with the first frame that comes _FLUSH_AGE_S or more after the
+# batch's first, or on a timer _FLUSH_DELAY_S after it if no such frame comes, or as soon as
+# _FLUSH_BYTES wait: the child then wakes once for many frames, not once per frame. Its
+# wake-ups, not its muxing, were most of the recording's CPU: at one 20 fps stream, 1.6-2.0 %
+# of a core with a 10 ms delay (a wake-up per frame in two processes and four threads),
+# 0.7-1.0 % with 100 ms. A steady stream's own frames carry its batches, so the timer (a
+# wake-up of the event loop of its own) fires only for a stream slower than 1/_FLUSH_AGE_S
+# or one that stopped. Recording is not the live path: 150 ms at most is no loss.
+_FLUSH_AGE_S = 0.075  # below two frame periods at 20 fps: clear of an arrival's jitter
+_FLUSH_DELAY_S = 0.15
 # With hundreds of senders a batch fills this in a few ms: it goes out at once, so the
 # pending bytes stay far below max_pending_bytes and the child is fed steadily.
 _FLUSH_BYTES = 1024 * 1024
@@ -133,6 +138,7 @@ class RecorderProcess:
         self._pending: deque[bytes | memoryview] = deque()
         self._pending_bytes = 0
         self._flush_scheduled = False
+        self._batch_started = 0.0  # time.monotonic() of the first message of the batch
         self._flush_timer: asyncio.TimerHandle | None = None  # touched on the loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_registered = False
@@ -173,8 +179,9 @@ class RecorderProcess:
                 self._pending_bytes += len(header) + size
             first = self._claim_flush()
             full = self._pending_bytes >= _FLUSH_BYTES
-        if first or full:
-            self._schedule_flush(now=full)
+            due = not first and time.monotonic() - self._batch_started >= _FLUSH_AGE_S
+        if first or full or due:
+            self._schedule_flush(now=full or due)
 
     def stream_ended(self, info: StreamInfo) -> None:
         self._queue(wire.end(info.session_id))
@@ -195,6 +202,8 @@ class RecorderProcess:
         whatever the number of frames that came in it."""
         first = not self._flush_scheduled
         self._flush_scheduled = True
+        if first:
+            self._batch_started = time.monotonic()
         return first
 
     def _schedule_flush(self, *, now: bool = False) -> None:
