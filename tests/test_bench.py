@@ -38,9 +38,16 @@ MAY_BE_ZERO = {"receiver_idle_cpu_pct", "max_senders"}  # idle is under a clock 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_quick_run_prints_the_table_then_exactly_the_keys_as_json() -> None:
+def test_quick_run_prints_the_table_then_exactly_the_keys_as_json(tmp_path: Path) -> None:
+    keep = ("--keep", str(tmp_path))
     run = subprocess.run(
-        [sys.executable, "-c", "import sys; from avd.cli import main; sys.exit(main())", *QUICK],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from avd.cli import main; sys.exit(main())",
+            *QUICK,
+            *keep,
+        ],
         capture_output=True,
         text=True,
         timeout=140,
@@ -66,6 +73,9 @@ def test_quick_run_prints_the_table_then_exactly_the_keys_as_json() -> None:
         assert label in table
     assert "What was measured" in table
     assert "video 1280x720 30 fps q80" in table
+    # Every step's recordings were counted, then deleted: the ramp keeps one step's worth.
+    assert (tmp_path / "recordings").is_dir()
+    assert not list((tmp_path / "recordings").rglob("*.mkv"))
 
 
 def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None:
@@ -245,9 +255,13 @@ class _Daemon:
 
 
 def _scripted_ramp(
-    monkeypatch: pytest.MonkeyPatch, outcomes: dict[int, list[tuple[bool, float]]], plan: Plan
+    monkeypatch: pytest.MonkeyPatch,
+    outcomes: dict[int, list[tuple[bool, float]]],
+    plan: Plan,
+    free_gb: float = 1000.0,
 ) -> tuple[list[Step], list[int]]:
-    """``ramp`` with each step's (passed, generator lag ms) taken in turn from ``outcomes``."""
+    """``ramp`` with each step's (passed, generator lag ms) taken in turn from ``outcomes``,
+    on a disk with ``free_gb`` free."""
     ran: list[int] = []
 
     def run_step(ws: object, daemon: object, n: int, *args: object, **kw: object) -> Step:
@@ -259,7 +273,9 @@ def _scripted_ramp(
     monkeypatch.setattr(scale, "run_step", run_step)
     monkeypatch.setattr(scale, "start_receiver", lambda *a, **kw: _Daemon())
     monkeypatch.setattr(time, "sleep", lambda s: None)  # the halfway step's idle second
-    steps, _ = scale.ramp(object(), _Daemon(), plan, Path("/nonexistent"))  # type: ignore[arg-type]
+    monkeypatch.setattr(scale, "free_bytes", lambda path: int(free_gb * 1e9))
+    ws, record_dir = object(), Path("/nonexistent/recordings")
+    steps, _ = scale.ramp(ws, _Daemon(), plan, record_dir, frame_bytes=25_000)  # type: ignore[arg-type]
     return steps, ran
 
 
@@ -293,6 +309,46 @@ def test_the_quick_run_reports_late_generators_but_does_not_run_again(
     steps, ran = _scripted_ramp(monkeypatch, outcomes, QUICK_PLAN)
     assert ran == [25, 100]
     assert not any(s.void for s in steps)
+
+
+def test_a_step_whose_recordings_do_not_fit_is_not_run_and_the_ramp_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 25 000-byte frames, 10 s a step: 100 senders record 0.5 GB, 200 senders 1.0 GB. With
+    # 0.8 GB free 200 is not run; halfway between 100 and 200 (150: 0.75 GB) fits and runs.
+    assert scale.recording_bytes(200, FULL, 25_000) == pytest.approx(1.0e9)
+    outcomes = {25: [(True, 3.0)], 50: [(True, 3.0)], 100: [(True, 3.0)], 150: [(True, 3.0)]}
+    steps, ran = _scripted_ramp(monkeypatch, outcomes, FULL, free_gb=0.8)
+    assert ran == [25, 50, 100, 150]
+    assert [(s.senders, s.passed) for s in steps] == [
+        (25, True), (50, True), (100, True), (200, False), (150, True)
+    ]  # fmt: skip
+    assert steps[3].not_run.startswith("not run: 200 senders record about 1.0 GB")
+    assert "0.8 GB free" in steps[3].not_run
+    row = _steps_table(steps).splitlines()[4]
+    assert row.split() == ["200", *steps[3].not_run.split()]
+
+
+def test_free_space_is_asked_of_the_nearest_folder_that_exists(tmp_path: Path) -> None:
+    import shutil  # noqa: PLC0415
+
+    assert scale.free_bytes(tmp_path / "recordings" / "cam") > 0
+    assert abs(scale.free_bytes(tmp_path / "x") - shutil.disk_usage(tmp_path).free) < 1e8
+
+
+def test_counted_recordings_are_deleted_and_their_folders_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "cam" / "2026-01-01"
+    folder.mkdir(parents=True)
+    writer = SegmentWriter(folder / "a.mkv", sender_id="cam", start_us=0, video=SMALL, audio=None)
+    for n, frame in enumerate(camera_like_frames(SMALL, 3)):
+        writer.write_video(n * 50_000, frame)
+    writer.close()
+    (folder / "latest.jpg").write_bytes(b"jpeg")
+    assert recorded_frames(tmp_path) == 3
+    scale.clear_recordings(tmp_path)
+    assert recorded_frames(tmp_path) == 0
+    assert folder.is_dir()
+    assert (folder / "latest.jpg").exists()
 
 
 def test_the_steps_table_shows_the_generators_lag_and_marks_a_void_step() -> None:

@@ -91,7 +91,7 @@ def _run_daemons(
     daemon, reconnects = reconnect_phase(ws, daemon, record_dir, plan.reconnect_tries)
     sender.stop()
     time.sleep(0.5)  # the session has ended: the ramp's idle memory holds no sender
-    steps, daemon = ramp(ws, daemon, plan, record_dir)
+    steps, daemon = ramp(ws, daemon, plan, record_dir, frame_bytes=codec.jpeg_bytes)
     daemon.child.stop()
     passed = [s for s in steps if s.passed]
     best = max(passed, key=lambda s: s.senders) if passed else steps[0]

@@ -151,6 +151,9 @@ def _steps_table(steps: list[Step]) -> str:
     ]
     for s in steps:
         result = "pass" if s.passed else "FAIL: " + "; ".join(s.problems)
+        if s.not_run:
+            lines.append(f"{s.senders:7}  {s.not_run}")
+            continue
         if s.void:
             result = "VOID, run again: " + result
         lines.append(

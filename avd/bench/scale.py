@@ -2,8 +2,11 @@
 
 Each step starts enough generator processes for N pre-encoded 20 fps senders, measures the
 daemon's CPU, memory and received rate, then checks that every frame sent was counted, none
-rejected and none missing from the recordings (counted packet by packet with PyAV). The ramp
-stops at the first step that fails. A step that failed while the generators themselves ran
+rejected and none missing from the recordings (counted packet by packet with PyAV), and
+deletes that step's recordings: the ramp needs the room of its largest step, not of all of
+them (over 3 GB by 400 senders, in a temporary folder that may be RAM), and a step is not
+skipped or failed for a full disk without saying so. The ramp stops at the first step that
+fails or does not fit. A step that failed while the generators themselves ran
 late (``GENERATOR_LAG_BAR_MS``) did not offer the load it names: the full run marks it void
 and runs it once more.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +33,9 @@ SENDERS_PER_LOADGEN = 250  # one generator process stays near a third of a core 
 # frames/s on time: the machine stalled under it (another tenant, or the host), and a
 # failure then says nothing sure about the receiver. The same bar the receiver is held to.
 GENERATOR_LAG_BAR_MS = 50.0
+# How long a step's senders stream, beyond its measured window: connecting, the settling
+# second before it and stopping after (about 2 s at 400 senders here), with room to spare.
+STEP_OVERHEAD_S = 5.0
 
 
 @dataclass
@@ -43,10 +50,11 @@ class Step:
     loadgen_cpu_pct: float = 0.0  # all generator processes together
     loadgen_lag_ms: float = 0.0  # the worst generator's p99 lateness behind its schedule
     void: bool = False  # failed while the generators ran late: run once more
+    not_run: str = ""  # why the step was not run (no room for its recordings)
 
     @property
     def passed(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.not_run
 
     @property
     def generators_kept_up(self) -> bool:
@@ -131,6 +139,29 @@ def _wait_recorded(record_dir: Path, before: int, expected: int) -> int:
         time.sleep(0.25)
 
 
+def recording_bytes(n: int, plan: Plan, frame_bytes: float) -> float:
+    """About how much a step of ``n`` senders records: every frame it sends."""
+    return n * VGA.fps * frame_bytes * (plan.step_s + STEP_OVERHEAD_S)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for ``path``, which may not exist yet (the recorder makes its folder)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def clear_recordings(record_dir: Path) -> None:
+    """Delete every finished segment under ``record_dir``, once its frames are counted.
+
+    The folders stay: the recorder makes a sender's folder once. A segment the recorder still
+    has open would only lose its name (the writer keeps its file until it closes it), but by
+    then every step's session has ended and closed its segments.
+    """
+    for path in record_dir.rglob("*.mkv"):
+        path.unlink(missing_ok=True)
+
+
 def run_step(
     ws: Workspace, daemon: Receiving, n: int, plan: Plan, record_dir: Path, *, rss_idle_bytes: int
 ) -> Step:
@@ -168,6 +199,7 @@ def run_step(
     ):
         if count > 0:
             step.problems.append(f"{count:.0f} {what}")
+    clear_recordings(record_dir)
     return step
 
 
@@ -192,9 +224,24 @@ def _judge(step: Step, start: Samples, end: Samples, reports: list[dict[str, Any
 
 
 def _attempt(
-    ws: Workspace, daemon: Receiving, n: int, plan: Plan, record_dir: Path, *, rss_idle_bytes: int
+    ws: Workspace,
+    daemon: Receiving,
+    n: int,
+    plan: Plan,
+    record_dir: Path,
+    *,
+    rss_idle_bytes: int,
+    frame_bytes: float,
 ) -> list[Step]:
-    """One step of ``n`` senders; in the full run, once more if it was void."""
+    """One step of ``n`` senders if its recordings fit; in the full run, again if void."""
+    need, free = recording_bytes(n, plan, frame_bytes), free_bytes(record_dir)
+    if need > free:
+        reason = (
+            f"not run: {n} senders record about {need / 1e9:.1f} GB and {record_dir.parent} "
+            f"has {free / 1e9:.1f} GB free (set TMPDIR, or --keep a folder on a larger disk)"
+        )
+        progress(f"{n} senders {reason}")
+        return [Step(n, rss_idle_bytes=rss_idle_bytes, not_run=reason)]
     step = run_step(ws, daemon, n, plan, record_dir, rss_idle_bytes=rss_idle_bytes)
     if step.passed or step.generators_kept_up or plan.quick:
         return [step]
@@ -207,11 +254,13 @@ def _attempt(
 
 
 def ramp(
-    ws: Workspace, daemon: Receiving, plan: Plan, record_dir: Path
+    ws: Workspace, daemon: Receiving, plan: Plan, record_dir: Path, *, frame_bytes: float
 ) -> tuple[list[Step], Receiving]:
     """Steps of more senders until one fails; the full run then tries halfway, once.
 
-    Returns the steps (a void one followed by its second run) and the daemon now running:
+    ``frame_bytes``: the mean JPEG size the load generators send, to tell whether a step's
+    recordings fit. Returns the steps (a void one followed by its second run, or one not run)
+    and the daemon now running:
     the halfway step gets a daemon started afresh, because memory the allocator kept from
     the larger, failed step is not the halfway step's.
     """
@@ -220,7 +269,9 @@ def ramp(
     passed = 0
     for n in plan.steps:
         progress(f"{n} senders at 20 fps...")
-        steps += _attempt(ws, daemon, n, plan, record_dir, rss_idle_bytes=idle)
+        steps += _attempt(
+            ws, daemon, n, plan, record_dir, rss_idle_bytes=idle, frame_bytes=frame_bytes
+        )
         if not steps[-1].passed:
             break
         passed = n
@@ -232,5 +283,7 @@ def ramp(
             time.sleep(1.0)  # as before the ramp: started, idle
             idle = procstat.rss_bytes(daemon.child.pid, tree=True)
             progress(f"{middle} senders at 20 fps (a receiver started afresh)...")
-            steps += _attempt(ws, daemon, middle, plan, record_dir, rss_idle_bytes=idle)
+            steps += _attempt(
+                ws, daemon, middle, plan, record_dir, rss_idle_bytes=idle, frame_bytes=frame_bytes
+            )
     return steps, daemon
