@@ -73,9 +73,13 @@ def test_quick_run_prints_the_table_then_exactly_the_keys_as_json(tmp_path: Path
         assert label in table
     assert "What was measured" in table
     assert "video 1280x720 30 fps q80" in table
-    # Every step's recordings were counted, then deleted: the ramp keeps one step's worth.
-    assert (tmp_path / "recordings").is_dir()
-    assert not list((tmp_path / "recordings").rglob("*.mkv"))
+    # Each step deleted the recordings before it: only the last step's are left, one segment
+    # for each of its senders, none of the phases before the ramp (bench-cpu's, for one).
+    segments = list((tmp_path / "recordings").rglob("*.mkv"))
+    senders = [path.relative_to(tmp_path / "recordings").parts[0] for path in segments]
+    assert senders
+    assert all(sender.startswith("load-") for sender in senders), sorted(set(senders))
+    assert len(senders) == len(set(senders)), "a sender kept the segments of several steps"
 
 
 def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None:

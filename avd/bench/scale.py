@@ -2,11 +2,12 @@
 
 Each step starts enough generator processes for N pre-encoded 20 fps senders, measures the
 daemon's CPU, memory and received rate, then checks that every frame sent was counted, none
-rejected and none missing from the recordings (counted packet by packet with PyAV), and
-deletes that step's recordings: the ramp needs the room of its largest step, not of all of
-them (over 3 GB by 400 senders, in a temporary folder that may be RAM), and a step is not
-skipped or failed for a full disk without saying so. The ramp stops at the first step that
-fails or does not fit. A step that failed while the generators themselves ran
+rejected and none missing from the recordings (counted packet by packet with PyAV). Each
+step first deletes the recordings before it, so the ramp needs the room of its largest step,
+not of all of them (over 3 GB by 400 senders, in a temporary folder that may be RAM), and
+the last step's are there to look at with ``--keep``. A step whose recordings would not fit
+is not run, rather than failed for a full disk. The ramp stops at the first step that fails
+or does not fit. A step that failed while the generators themselves ran
 late (``GENERATOR_LAG_BAR_MS``) did not offer the load it names: the full run marks it void
 and runs it once more.
 """
@@ -152,11 +153,11 @@ def free_bytes(path: Path) -> int:
 
 
 def clear_recordings(record_dir: Path) -> None:
-    """Delete every finished segment under ``record_dir``, once its frames are counted.
+    """Delete every finished segment under ``record_dir``: the steps before were counted.
 
     The folders stay: the recorder makes a sender's folder once. A segment the recorder still
-    has open would only lose its name (the writer keeps its file until it closes it), but by
-    then every step's session has ended and closed its segments.
+    had open would only lose its name (the writer keeps its file until it closes it), but the
+    sessions of the steps before have all ended, and their segments with them.
     """
     for path in record_dir.rglob("*.mkv"):
         path.unlink(missing_ok=True)
@@ -199,7 +200,6 @@ def run_step(
     ):
         if count > 0:
             step.problems.append(f"{count:.0f} {what}")
-    clear_recordings(record_dir)
     return step
 
 
@@ -234,6 +234,7 @@ def _attempt(
     frame_bytes: float,
 ) -> list[Step]:
     """One step of ``n`` senders if its recordings fit; in the full run, again if void."""
+    clear_recordings(record_dir)
     need, free = recording_bytes(n, plan, frame_bytes), free_bytes(record_dir)
     if need > free:
         reason = (
@@ -250,6 +251,7 @@ def _attempt(
         f"{n} senders again: the load generators ran {step.loadgen_lag_ms:.0f} ms behind "
         "their schedule (p99), so the machine stalled under the step..."
     )
+    clear_recordings(record_dir)
     return [step, run_step(ws, daemon, n, plan, record_dir, rss_idle_bytes=rss_idle_bytes)]
 
 
