@@ -210,6 +210,8 @@ def test_a_child_that_exits_without_the_line_is_reported_with_its_output() -> No
 def test_memory_per_sender_is_over_the_idle_memory_of_the_same_daemon() -> None:
     step = Step(200, rss_bytes=500 * MIB, rss_idle_bytes=100 * MIB)
     assert step.rss_per_sender_bytes == 2 * MIB
+    not_run = Step(25, rss_idle_bytes=100 * MIB, not_run="not run: ...")
+    assert not_run.rss_per_sender_bytes == 0.0  # not minus the idle memory
 
 
 def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
@@ -353,6 +355,29 @@ def test_counted_recordings_are_deleted_and_their_folders_kept(tmp_path: Path) -
     assert recorded_frames(tmp_path) == 0
     assert folder.is_dir()
     assert (folder / "latest.jpg").exists()
+
+
+def test_memory_is_not_measured_when_no_step_could_run() -> None:
+    reason = "not run: 25 senders record about 0.1 GB and /tmp/x has 0.0 GB free"
+    steps = [Step(25, rss_idle_bytes=90 * MIB, not_run=reason)]
+    outcome = Outcome(
+        figures=_figures(max_senders=0, receiver_rss_per_sender_mb=steps[0].rss_per_sender_bytes),
+        probe=dict.fromkeys(
+            ("frames", "transport_p50_ms", "decode_p50_ms", "imdecode_p50_ms", "chunks"), 1.0
+        )
+        | {"sender_side_cpu_pct": 50.0, "receiver_side_cpu_pct": 60.0},
+        cpu=CpuFigures(4.0, 2.0, None, 3.5),
+        reconnects=[0.25],
+        steps=steps,
+        bandwidth=[],
+    )
+    lines = render(outcome, FULL, 90).splitlines()
+    memory = next(line for line in lines if line.startswith("receiver memory/sender"))
+    assert "not measured" in memory
+    assert memory.split()[-1] == "NO"
+    senders = next(line for line in lines if line.startswith("senders on one receiver"))
+    assert senders.split()[-1] == "NO"
+    assert any(line.split() == ["25", *reason.split()] for line in lines)
 
 
 def test_the_steps_table_shows_the_generators_lag_and_marks_a_void_step() -> None:

@@ -63,6 +63,8 @@ class Step:
 
     @property
     def rss_per_sender_bytes(self) -> float:
+        if not self.rss_bytes:  # not measured: the step was not run
+            return 0.0
         return (self.rss_bytes - self.rss_idle_bytes) / self.senders
 
 
