@@ -243,7 +243,7 @@ def _attempt(
             f"not run: {n} senders record about {need / 1e9:.1f} GB and {record_dir.parent} "
             f"has {free / 1e9:.1f} GB free (set TMPDIR, or --keep a folder on a larger disk)"
         )
-        progress(f"{n} senders {reason}")
+        progress(reason)
         return [Step(n, rss_idle_bytes=rss_idle_bytes, not_run=reason)]
     step = run_step(ws, daemon, n, plan, record_dir, rss_idle_bytes=rss_idle_bytes)
     if step.passed or step.generators_kept_up or plan.quick:
@@ -264,9 +264,8 @@ def ramp(
 
     ``frame_bytes``: the mean JPEG size the load generators send, to tell whether a step's
     recordings fit. Returns the steps (a void one followed by its second run, or one not run)
-    and the daemon now running:
-    the halfway step gets a daemon started afresh, because memory the allocator kept from
-    the larger, failed step is not the halfway step's.
+    and the daemon now running: the halfway step gets a daemon started afresh, because
+    memory the allocator kept from the larger, failed step is not the halfway step's.
     """
     steps: list[Step] = []
     idle = procstat.rss_bytes(daemon.child.pid, tree=True)
