@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import fcntl
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from avd import protocol
 from avd.clock import monotonic_us
@@ -134,12 +134,19 @@ class Link:
         if stop.is_set():
             await self._goodbye(GoodbyeReason.SHUTDOWN, "sender stopping")
             return
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, SourceEnded):
-                await self._goodbye(GoodbyeReason.BYE, "source ended")
-            if exc is not None:
-                raise exc
+        failure = _first_failure(done)
+        # An exception raised here holds this frame in its traceback: a name in this frame
+        # for it (or for the tasks, which keep it) would make a cycle, and the link, its
+        # reader and TLS buffers would wait for a full garbage collection to be freed.
+        del tasks, done
+        if failure is None:
+            return
+        if isinstance(failure, SourceEnded):
+            await self._goodbye(GoodbyeReason.BYE, "source ended")
+        try:
+            raise failure
+        finally:
+            del failure
 
     async def _goodbye(self, reason: GoodbyeReason, text: str) -> None:
         if self.said_goodbye:
@@ -303,3 +310,11 @@ class Link:
         if floor > self.floor_sent and self.conn.state is protocol.State.OPEN:
             self.floor_sent = floor
             self.writer.write(self.conn.send(protocol.Floor(floor)))
+
+
+def _first_failure(done: set[asyncio.Task[Any]]) -> BaseException | None:
+    """The exception one of the ``done`` tasks ended with, if any (cancelled ones are not)."""
+    for task in done:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            return exc
+    return None

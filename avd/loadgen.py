@@ -35,6 +35,7 @@ from avd.errors import RemoteProtocolError
 from avd.media.base import StreamKind, VideoFormat
 from avd.protocol import GoodbyeReason, Role
 from avd.stats import percentile
+from avd.streams import close_stream
 from avd.tls import sender_context
 
 MAX_BUFFERED_FRAMES = 4  # the real sender's video queue (AVD_VIDEO_QUEUE_FRAMES) holds 4
@@ -166,9 +167,7 @@ class _Session:
             if not self.closed:
                 self.writer.write(self.conn.send(protocol.Goodbye(GoodbyeReason.BYE, "done")))
                 await asyncio.wait_for(self.writer.drain(), timeout=2.0)
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), timeout=2.0)
+        await close_stream(self.writer, timeout_s=2.0)
         return flushed
 
 

@@ -36,6 +36,7 @@ from avd.media.jpeg import check_video_frame
 from avd.metrics import ReceiverMetrics
 from avd.protocol import GoodbyeReason, Hello, Role
 from avd.skew import SkewTracker
+from avd.streams import close_stream
 from avd.tokens import TokenStore
 
 log = logging.getLogger("avd.receiver")
@@ -237,13 +238,7 @@ class Session:
         self._end_stream()
         if self.info is not None:
             self.ctx.finished(self)
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
-        except Exception:
-            # A peer that never answers our close would hold the socket and its TLS buffers
-            # for asyncio's 30 s close timeout: drop it (what we wrote had a second to go).
-            self.writer.transport.abort()
+        await close_stream(self.writer, timeout_s=1.0)
         c = self.counters
         connection_closed(
             log,

@@ -32,6 +32,7 @@ from avd.protocol import GoodbyeReason, Role
 from avd.quality import LinkReport
 from avd.queues import DropOldestQueue
 from avd.spool import Spool
+from avd.streams import close_stream
 from avd.tokens import Token
 
 log = logging.getLogger("avd.sender")
@@ -250,9 +251,7 @@ class StreamClient:
             )
             await link.run(stop)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+            await close_stream(writer, timeout_s=1.0)
 
     @staticmethod
     async def _await_welcome(
