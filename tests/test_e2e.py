@@ -12,6 +12,7 @@ import ssl
 import struct
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,12 @@ def _tls_to(pki: CertPaths, port: int) -> Iterator[ssl.SSLSocket]:
 
 
 def _log_time(log: str, pattern: str) -> float:
-    """Seconds of the day of the first text-format log line matching ``pattern``."""
+    """The time (epoch seconds) of the first text-format log line matching ``pattern``."""
     for line in log.splitlines():
         if re.search(pattern, line):
-            stamp = re.match(r"\d{4}-\d\d-\d\dT(\d\d):(\d\d):(\d\d\.\d+)Z", line)
+            stamp = re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", line)
             assert stamp, line
-            hours, minutes, seconds = stamp.groups()
-            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            return datetime.fromisoformat(stamp.group(0).replace("Z", "+00:00")).timestamp()
     raise AssertionError(f"no log line matches {pattern!r}")
 
 
@@ -223,10 +223,9 @@ def test_sender_streams_again_within_2s_of_a_receiver_restart(launch: Launcher) 
     log = restarted.daemon.log_text()
     ready = _log_time(log, r"listening on")
     opened = [_log_time(log, rf"connection opened .*stream={kind}") for kind in ("video", "audio")]
-    assert max(opened) - ready < 2.0, log
+    assert 0 < max(opened) - ready < 2.0, log
     # Sequence numbers run on across the reconnect: nothing is miscounted as lost.
     assert metric(restarted.metrics(), "avd_frames_lost_total") < 5
-    assert time.monotonic() - ready < 2.0 + 0.5  # 0.5 s of slack for scraping on a busy machine
 
 
 def test_two_senders_at_once(launch: Launcher) -> None:
