@@ -29,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from avd.certs import CertPaths, init_certs
+from avd.config import ReceiverSettings
 from avd.media.base import CapturedFrame
 from avd.protocol import Event, FrameDecoder, decode_body
 from avd.tokens import add_token, new_token
@@ -155,6 +156,19 @@ class ReceiverHandle:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return scrape(self.metrics_url)
+
+
+def receiver_settings(pki: CertPaths, tokens_file: Path, **extra: object) -> ReceiverSettings:
+    """Settings for a Receiver run in the test's own process, on loopback, ports chosen."""
+    fields = {
+        "bind": "127.0.0.1",
+        "video_port": 0,
+        "audio_port": 0,
+        "tls_cert": pki.receiver_cert,
+        "tls_key": pki.receiver_key,
+        "tokens_file": tokens_file,
+    }
+    return ReceiverSettings.model_validate(fields | extra)
 
 
 def receiver_env(pki: CertPaths, tokens_file: Path, **extra: str) -> dict[str, str]:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from pathlib import Path
 
 from avd.certs import CertPaths
-from avd.config import ReceiverSettings
 from avd.media.base import ReceivedFrame, StreamInfo
 from avd.metrics import ReceiverMetrics
 from avd.receiver import Receiver
 from avd.tls import sender_context
 
-from .conftest import Credentials
+from .conftest import Credentials, receiver_settings
 
 DEADLINE_S = 60.0
 
@@ -41,25 +39,15 @@ class _NoSink:
         pass
 
 
-def _settings(pki: CertPaths, tokens_file: Path) -> ReceiverSettings:
-    return ReceiverSettings.model_validate(
-        {
-            "bind": "127.0.0.1",
-            "video_port": 0,
-            "audio_port": 0,
-            "tls_cert": pki.receiver_cert,
-            "tls_key": pki.receiver_key,
-            "tokens_file": tokens_file,
-            "handshake_timeout_s": DEADLINE_S,
-        }
-    )
-
-
 def test_shutdown_ends_connections_before_their_hello_at_once(
     pki: CertPaths, creds: Credentials
 ) -> None:
     async def scenario() -> tuple[float, bytes]:
-        receiver = Receiver(_settings(pki, creds.tokens_file), _NoSink(), ReceiverMetrics())
+        receiver = Receiver(
+            receiver_settings(pki, creds.tokens_file, handshake_timeout_s=DEADLINE_S),
+            _NoSink(),
+            ReceiverMetrics(),
+        )
         listening = await receiver.start()
         loop = asyncio.get_running_loop()
         idle = socket.create_connection(("127.0.0.1", listening.video_port))

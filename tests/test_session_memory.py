@@ -22,7 +22,6 @@ import socket
 import struct
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -30,18 +29,16 @@ import pytest
 from avd.backoff import Backoff
 from avd.certs import CertPaths
 from avd.clock import monotonic_us
-from avd.config import ReceiverSettings
 from avd.loadgen import camera_like_frames
-from avd.media.base import CapturedFrame, ReceivedFrame, StreamInfo, StreamKind, VideoFormat
+from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
 from avd.metrics import ReceiverMetrics
 from avd.protocol import Connection, Hello, Media, Role, Welcome
 from avd.receiver import Receiver
 from avd.session import Session
-from avd.stream_client import Endpoint
-from avd.tls import receiver_context, sender_context
+from avd.tls import sender_context
 
-from .conftest import Credentials
-from .test_stream_client import DroppingReceiver, make_client
+from .conftest import Credentials, receiver_settings
+from .test_stream_client import stream_through_drops
 
 VGA = VideoFormat(640, 480, 20, 70)
 T = TypeVar("T")
@@ -91,19 +88,6 @@ def collector_off() -> Iterator[Callable[[], list[str]]]:
         gc.enable()
 
 
-def _settings(pki: CertPaths, tokens_file: Path) -> ReceiverSettings:
-    return ReceiverSettings.model_validate(
-        {
-            "bind": "127.0.0.1",
-            "video_port": 0,
-            "audio_port": 0,
-            "tls_cert": pki.receiver_cert,
-            "tls_key": pki.receiver_key,
-            "tokens_file": tokens_file,
-        }
-    )
-
-
 async def _eventually(check: Callable[[], T], limit_s: float = 10.0) -> T:
     async with asyncio.timeout(limit_s):
         while not (value := check()):  # noqa: ASYNC110 - the receiver's state has no event
@@ -146,7 +130,7 @@ def test_a_receivers_session_is_freed_as_soon_as_its_connection_ends(
 
     async def scenario() -> list[weakref.ref[Session]]:
         sink = _CountingSink()
-        receiver = Receiver(_settings(pki, creds.tokens_file), sink, ReceiverMetrics())
+        receiver = Receiver(receiver_settings(pki, creds.tokens_file), sink, ReceiverMetrics())
         listening = await receiver.start()
         try:
             return [
@@ -167,25 +151,5 @@ def test_a_senders_dropped_connections_are_freed_as_soon_as_they_end(
     """The sender's side: a receiver that drops it three times, by RST and by FIN."""
     drops = 3
 
-    async def scenario() -> None:
-        receiver = DroppingReceiver(drops)
-        context = receiver_context(cert=pki.receiver_cert, key=pki.receiver_key)
-        server = await asyncio.start_server(receiver.serve, "127.0.0.1", 0, ssl=context)
-        port = server.sockets[0].getsockname()[1]
-        endpoint = Endpoint("127.0.0.1", port, "localhost", sender_context(ca=pki.ca_cert), 5.0)
-        client = make_client(
-            asyncio.get_running_loop(), endpoint, Backoff(first_s=0.01, cap_s=0.02)
-        )
-        client.spool.add(0, CapturedFrame(monotonic_us(), b"\xff\xd8frame"))  # sent every session
-        stop = asyncio.Event()
-        running = asyncio.create_task(client.run(stop))
-        try:
-            await receiver.wait_for_welcomes(drops + 1, limit_s=15)
-        finally:
-            stop.set()
-            await asyncio.wait_for(running, timeout=10)
-            server.close()
-            await server.wait_closed()
-
-    asyncio.run(scenario())
+    asyncio.run(stream_through_drops(pki, drops, Backoff(first_s=0.01, cap_s=0.02)))
     assert collector_off() == []

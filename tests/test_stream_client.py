@@ -200,6 +200,28 @@ class DroppingReceiver:
                 await self.changed.wait()
 
 
+async def stream_through_drops(pki: CertPaths, drops: int, backoff: Backoff) -> DroppingReceiver:
+    """A StreamClient against a real TLS receiver that drops it ``drops`` times, until it is
+    welcomed once more; returns the receiver, with its times."""
+    receiver = DroppingReceiver(drops)
+    context = receiver_context(cert=pki.receiver_cert, key=pki.receiver_key)
+    server = await asyncio.start_server(receiver.serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    endpoint = Endpoint("127.0.0.1", port, "localhost", sender_context(ca=pki.ca_cert), 5.0)
+    client = make_client(asyncio.get_running_loop(), endpoint, backoff)
+    client.spool.add(0, CapturedFrame(monotonic_us(), b"\xff\xd8frame"))  # sent every session
+    stop = asyncio.Event()
+    running = asyncio.create_task(client.run(stop))
+    try:
+        await receiver.wait_for_welcomes(drops + 1, limit_s=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=10)
+        server.close()
+        await server.wait_closed()
+    return receiver
+
+
 def test_a_receiver_dropped_three_times_in_a_row_is_rejoined_within_a_second_each_time(
     pki: CertPaths,
 ) -> None:
@@ -207,33 +229,11 @@ def test_a_receiver_dropped_three_times_in_a_row_is_rejoined_within_a_second_eac
     welcomed session, the third drop would be retried after 1 to 2 s."""
     drops = 3
 
-    async def scenario() -> list[float]:
-        receiver = DroppingReceiver(drops)
-        server = await asyncio.start_server(
-            receiver.serve,
-            "127.0.0.1",
-            0,
-            ssl=receiver_context(cert=pki.receiver_cert, key=pki.receiver_key),
-        )
-        port = server.sockets[0].getsockname()[1]
-        endpoint = Endpoint("127.0.0.1", port, "localhost", sender_context(ca=pki.ca_cert), 5.0)
-        client = make_client(asyncio.get_running_loop(), endpoint, Backoff())  # as the daemon
-        client.spool.add(0, CapturedFrame(monotonic_us(), b"\xff\xd8frame"))  # sent every session
-        stop = asyncio.Event()
-        running = asyncio.create_task(client.run(stop))
-        try:
-            await receiver.wait_for_welcomes(drops + 1, limit_s=15)
-        finally:
-            stop.set()
-            await asyncio.wait_for(running, timeout=10)
-            server.close()
-            await server.wait_closed()
-        return [
-            welcomed - dropped
-            for dropped, welcomed in zip(receiver.dropped, receiver.welcomed[1:], strict=True)
-        ]
-
-    gaps = asyncio.run(scenario())
+    receiver = asyncio.run(stream_through_drops(pki, drops, Backoff()))  # as the daemon
+    gaps = [
+        welcomed - dropped
+        for dropped, welcomed in zip(receiver.dropped, receiver.welcomed[1:], strict=True)
+    ]
     assert len(gaps) == drops
     # Backoff's first retry is 0.25-0.5 s; the rest is a TLS handshake and a hello on a
     # busy machine. Escalating (0.5-1 s, then 1-2 s) would exceed the bound by the third.
