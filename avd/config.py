@@ -14,7 +14,14 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avd.errors import ConfigError
@@ -29,7 +36,16 @@ def _existing_file(path: Path) -> Path:
     return path
 
 
+def _empty_is_unset(value: object) -> object:
+    """An empty value (``AVD_RECORD_DIR=`` in an env file) means the variable is unset: as a
+    path it would otherwise be ``.``, the daemon's working folder."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_unset)]
+OptionalFile = Annotated[ExistingFile | None, BeforeValidator(_empty_is_unset)]
+OptionalText = Annotated[str | None, BeforeValidator(_empty_is_unset)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ListenPort = Annotated[int, Field(ge=0, le=65535)]  # 0: the kernel picks a free port
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -66,7 +82,7 @@ class CommonSettings(BaseSettings):
     heartbeat_s: PositiveSeconds = Field(
         1.0, description="heartbeat interval; a peer silent for 3 intervals is dropped"
     )
-    metrics_addr: str | None = Field(
+    metrics_addr: OptionalText = Field(
         None, description="host:port of the Prometheus endpoint; unset = no endpoint"
     )
     log_format: LogFormat = Field("auto", description="auto, journal, text or json")
@@ -88,7 +104,7 @@ class CommonSettings(BaseSettings):
                 parse_host_port(value, "AVD_METRICS_ADDR")
             except ConfigError as exc:
                 raise ValueError("expected host:port, for example 127.0.0.1:9400") from exc
-        return value or None
+        return value
 
     @property
     def metrics_endpoint(self) -> tuple[str, int] | None:
@@ -112,11 +128,11 @@ class ReceiverSettings(CommonSettings):
     audio_port: ListenPort = Field(5001, description="TCP port of the audio stream (0: any)")
     tls_cert: ExistingFile = Field(description="the receiver's certificate (PEM)")
     tls_key: ExistingFile = Field(description="the receiver's private key (PEM, mode 0600)")
-    tls_client_ca: ExistingFile | None = Field(
+    tls_client_ca: OptionalFile = Field(
         None, description="when set, senders must present a client certificate signed by it"
     )
     tokens_file: ExistingFile = Field(description="sender ids and token hashes, one per line")
-    record_dir: Path | None = Field(None, description="where recordings go; unset = none")
+    record_dir: OptionalPath = Field(None, description="where recordings go; unset = none")
     segment_seconds: Annotated[float, Field(ge=1, le=3600)] = Field(
         60.0, description="length of one recording segment"
     )
@@ -137,7 +153,7 @@ class ReceiverSettings(CommonSettings):
     playback: str = Field(
         "default", description="speaker: none, default, or a device index or name substring"
     )
-    playback_sender: str | None = Field(
+    playback_sender: OptionalText = Field(
         None, description="which sender is heard; default: the first connected"
     )
     playback_buffer_ms: Annotated[int, Field(ge=10, le=2000)] = Field(
@@ -179,17 +195,19 @@ def _default_sender_id() -> str:
 class SenderSettings(CommonSettings):
     """``avd-sender``: captures and streams to one receiver."""
 
-    receiver_host: str = Field(description="host name or address of the receiver")
+    receiver_host: Annotated[str, Field(min_length=1)] = Field(
+        description="host name or address of the receiver"
+    )
     tls_ca: ExistingFile = Field(
         description="CA certificate that signed the receiver's certificate"
     )
-    tls_server_name: str | None = Field(
+    tls_server_name: OptionalText = Field(
         None, description="name to verify in the receiver's certificate (default: host)"
     )
-    tls_cert: Path | None = Field(None, description="client certificate, for mutual TLS")
-    tls_key: Path | None = Field(None, description="client private key, for mutual TLS")
+    tls_cert: OptionalPath = Field(None, description="client certificate, for mutual TLS")
+    tls_key: OptionalPath = Field(None, description="client private key, for mutual TLS")
     sender_id: str = Field(default_factory=_default_sender_id, description="default: host name")
-    token_file: Path | None = Field(None, description="file holding this sender's token")
+    token_file: OptionalPath = Field(None, description="file holding this sender's token")
     token: SecretStr | None = Field(
         None, description="the token itself (prefer AVD_TOKEN_FILE or a credential)"
     )
@@ -234,7 +252,7 @@ class SenderSettings(CommonSettings):
     spool_max_mb: Annotated[int, Field(ge=1, le=65_536)] = Field(
         64, description="memory cap of each stream's spool, in MiB"
     )
-    spool_dir: Path | None = Field(
+    spool_dir: OptionalPath = Field(
         None,
         description="spool overflow goes to files here, kept across restarts; unset = memory only",
     )

@@ -115,6 +115,30 @@ def test_missing_required_and_missing_files_are_named(
         load_settings(ReceiverSettings, tmp_path / "missing.env")
 
 
+def test_an_empty_optional_setting_is_unset_and_an_empty_receiver_host_is_refused(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    # An env file's "AVD_RECORD_DIR=" must not record into the daemon's working folder.
+    clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
+    clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
+    clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+    for variable in ("RECORD_DIR", "TLS_CLIENT_CA", "METRICS_ADDR", "PLAYBACK_SENDER"):
+        clean_env.setenv(f"AVD_{variable}", " ")
+    receiver = load_settings(ReceiverSettings)
+    assert (receiver.record_dir, receiver.tls_client_ca) == (None, None)
+    assert (receiver.metrics_addr, receiver.playback_sender) == (None, None)
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    for variable in ("SPOOL_DIR", "TOKEN_FILE", "TLS_CERT", "TLS_KEY", "TLS_SERVER_NAME"):
+        clean_env.setenv(f"AVD_{variable}", "")
+    clean_env.setenv("AVD_RECEIVER_HOST", "")
+    with pytest.raises(ConfigError, match=r"^AVD_RECEIVER_HOST: String should have at least 1"):
+        load_settings(SenderSettings)
+    clean_env.setenv("AVD_RECEIVER_HOST", "r")
+    sender = load_settings(SenderSettings)
+    assert (sender.spool_dir, sender.token_file, sender.tls_cert, sender.tls_key) == (None,) * 4
+    assert sender.server_name == "r"
+
+
 def test_a_bad_token_value_is_never_echoed(
     clean_env: pytest.MonkeyPatch, files: dict[str, Path]
 ) -> None:
