@@ -26,4 +26,7 @@ async def close_stream(writer: asyncio.StreamWriter, timeout_s: float) -> None:
         await asyncio.wait_for(writer.wait_closed(), timeout=timeout_s)
     except Exception as exc:
         writer.transport.abort()
-        exc.__traceback__ = None  # it holds this frame, and the stream keeps it: a cycle
+        # It holds this frame, and the stream keeps it: a cycle. It is the very object the
+        # reader keeps (asyncio hands one exception to both), so whatever frames an earlier
+        # catch of it attached (the session's read loop) go with this traceback too.
+        exc.__traceback__ = None
