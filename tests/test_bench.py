@@ -18,13 +18,14 @@ import pytest
 
 from avd.bench import scale
 from avd.bench.codec import bandwidth_rows, measure_codec
-from avd.bench.daemons import Child
+from avd.bench.daemons import Child, make_workspace
 from avd.bench.phases import CpuFigures
 from avd.bench.plan import FULL, MIB, Plan
 from avd.bench.plan import QUICK as QUICK_PLAN
 from avd.bench.probe import ProbeSink, analyse_probe
 from avd.bench.report import KEYS, ROWS, Outcome, _steps_table, _targets, as_json, render
 from avd.bench.scale import Step, _wait_recorded, recorded_frames
+from avd.bench.transport import WARM_UP, measure_transport
 from avd.loadgen import camera_like_frames
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind, VideoFormat
 from avd.media.segment import SegmentWriter
@@ -72,6 +73,7 @@ def test_quick_run_prints_the_table_then_exactly_the_keys_as_json(tmp_path: Path
     for _, label, _ in ROWS:
         assert label in table
     assert "What was measured" in table
+    assert "TLS alone" in table
     assert "video 1280x720 30 fps q80" in table
     # Each step deleted the recordings before it: only the last step's are left, one segment
     # for each of its senders, none of the phases before the ramp (bench-cpu's, for one).
@@ -98,6 +100,24 @@ def test_the_paced_codec_times_one_encode_and_decode_per_frame() -> None:
     assert 0 < codec.paced_p50_ms <= codec.paced_p99_ms
     tight_pair_ms = codec.floor_ms
     assert codec.paced_p50_ms > tight_pair_ms / 4  # it did encode and decode a real frame
+
+
+def test_the_bare_tls_transport_is_timed_per_message_at_20_fps(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, 0)
+    started = time.monotonic()
+    transport = measure_transport(ws, 10, 24_000)
+    assert time.monotonic() - started >= (10 + WARM_UP) / 20  # one message every 50 ms
+    assert (transport.messages, transport.size) == (10, 24_000)
+    # Stamped in µs on one system-wide clock: a loopback hop is well under 50 ms, however
+    # loaded the machine, and a wrong unit or clock would be far off either way.
+    assert 0 < transport.p50_ms <= transport.p99_ms < 50
+
+
+def test_a_transport_receiver_that_fails_is_reported_with_its_output(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, 0)
+    ws.pki.receiver_key.write_text("not a key")
+    with pytest.raises(RuntimeError, match=r"(?s)transport receiver did not print.*Error"):
+        measure_transport(ws, 3, 1000)
 
 
 def test_bandwidth_grows_with_the_setting_and_audio_is_exact() -> None:
@@ -218,11 +238,16 @@ def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     probe = dict.fromkeys(
         ("frames", "transport_p50_ms", "decode_p50_ms", "imdecode_p50_ms", "chunks"), 1.0
     ) | {"sender_side_cpu_pct": 50.0, "receiver_side_cpu_pct": 60.0}
+    probe |= {"tls_alone_p50_ms": 0.44, "tls_alone_p99_ms": 0.61, "tls_alone_bytes": 24_610}
+    probe |= {"paced_codec_p50_ms": 1.0, "paced_codec_p99_ms": 1.5}
     steps = [Step(25, received_fps=500, p99_ms=3.0, rss_bytes=90 * MIB)]
     steps.append(Step(100, ["p99 latency at or over 50 ms (80.0 ms)"], 1990, 80.0))
     outcome = Outcome(
         figures=_figures(
-            latency_p99_ms=9.0, max_senders=25, receiver_idle_cpu_pct=0.1, throughput_fps=500
+            latency_p99_ms=9.0,
+            max_senders=25,
+            receiver_idle_cpu_pct=0.1,
+            throughput_fps=500,
         ),
         probe=probe,
         cpu=CpuFigures(4.0, 2.0, None, 3.5),
@@ -243,6 +268,10 @@ def test_the_table_puts_each_figure_next_to_its_target_and_verdict() -> None:
     # 50 % + 60 % of a core at 500 frames/s: 2.2 ms of CPU a frame, against the 2.25 ms floor
     notes = " ".join(" ".join(lines).split())
     assert "2.20 ms of CPU per frame in all against the floor's 2.25 ms" in notes
+    assert "a 24610-byte message" in notes
+    assert "p50 0.44 ms, p99 0.61 ms" in notes
+    # The codec at 20 fps plus TLS alone: the floors of the latency at 20 fps
+    assert "their p50s add up to 1.44 ms, their p99s to 2.11 ms" in notes
     cores = os.cpu_count() or 1
     assert f"{cores} cores carry at most {cores * 1000 / 2.2:.0f} frames/s" in notes
 

@@ -17,6 +17,7 @@ target, computed from the same run where the target is a ratio (the JPEG floor):
   packet by packet; scale uses ``avd.loadgen`` processes of pre-encoded senders.
 
 The package's modules: ``plan`` (quick or full), ``codec`` (the JPEG floor, bandwidth),
+``transport`` (the bare TLS transport at 20 fps, the latency's other floor),
 ``daemons`` (child processes, certificates, tokens), ``probe`` (the probe receiver),
 ``phases`` (latency, throughput, CPU, reconnection), ``scale`` (the loadgen ramp) and
 ``report`` (table, notes, JSON); this one parses the arguments and runs them in order.
@@ -43,6 +44,8 @@ from avd.bench.plan import FULL, MIB, QUICK, Plan, progress
 from avd.bench.probe import analyse_probe
 from avd.bench.report import Outcome, as_json, render
 from avd.bench.scale import ramp
+from avd.bench.transport import Transport, measure_transport
+from avd.protocol import HEADER, MEDIA_PREFIX
 
 __all__ = ["main"]
 
@@ -54,7 +57,10 @@ def run(plan: Plan, root: Path) -> Outcome:
     bandwidth = bandwidth_rows()
     ws = make_workspace(root, max(plan.steps))
     try:
-        outcome = _run_daemons(plan, ws, codec, bandwidth)
+        progress("the bare TLS transport of a frame-sized message at 20 fps...")
+        size = round(codec.jpeg_bytes) + HEADER.size + MEDIA_PREFIX.size
+        transport = measure_transport(ws, plan.transport_messages, size)
+        outcome = _run_daemons(plan, ws, codec, transport, bandwidth)
     finally:
         for n, child in enumerate(ws.children):
             child.kill()
@@ -66,7 +72,11 @@ def run(plan: Plan, root: Path) -> Outcome:
 
 
 def _run_daemons(
-    plan: Plan, ws: Workspace, codec: Codec, bandwidth: list[tuple[str, float, float]]
+    plan: Plan,
+    ws: Workspace,
+    codec: Codec,
+    transport: Transport,
+    bandwidth: list[tuple[str, float, float]],
 ) -> Outcome:
     progress("starting a probe receiver and the avd-receiver daemon (TLS, tokens, recording)...")
     rows_path, record_dir = ws.root / "probe.json", ws.root / "recordings"
@@ -112,6 +122,8 @@ def _run_daemons(
     }
     measured["paced_codec_p50_ms"] = codec.paced_p50_ms
     measured["paced_codec_p99_ms"] = codec.paced_p99_ms
+    measured["tls_alone_p50_ms"], measured["tls_alone_p99_ms"] = transport.p50_ms, transport.p99_ms
+    measured["tls_alone_bytes"] = transport.size
     return Outcome(figures, measured, cpu, reconnects, steps, bandwidth)
 
 

@@ -81,8 +81,12 @@ class Child:
         tail = "\n".join(line for _, line in self.lines[-15:])
         raise RuntimeError(f"{self.name} did not print {pattern!r}:\n{tail}")
 
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
+    def wait(self, timeout: float = 15.0) -> int:
+        """Its exit code once it ends on its own (killed after ``timeout``), output all read."""
+        return self.stop(timeout, signal_first=False)
+
+    def stop(self, timeout: float = 15.0, *, signal_first: bool = True) -> int:
+        if signal_first and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)

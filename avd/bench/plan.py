@@ -22,10 +22,13 @@ class Plan:
     reconnect_tries: int
     codec_frames: int
     paced_codec_frames: int  # at 20 fps: 2 s quick, 10 s full
+    transport_messages: int  # the bare TLS transport, at 20 fps too
 
 
-QUICK = Plan(True, 4.0, 3.0, 4.0, 2.5, (25, 100, 200), 1, 150, 40)
-FULL = Plan(False, 15.0, 8.0, 10.0, 5.0, (25, 50, 100, 200, 300, 400, 600, 800, 1000), 3, 600, 200)
+QUICK = Plan(True, 4.0, 3.0, 4.0, 2.5, (25, 100, 200), 1, 150, 40, 40)
+FULL = Plan(
+    False, 15.0, 8.0, 10.0, 5.0, (25, 50, 100, 200, 300, 400, 600, 800, 1000), 3, 600, 200, 200
+)
 
 
 def progress(text: str) -> None:
