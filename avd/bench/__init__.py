@@ -6,6 +6,8 @@ target, computed from the same run where the target is a ratio (the JPEG floor):
 
 - JPEG encode/decode of the sender's camera-like test pattern (640x480 q70) in this process;
   their per-frame sum is the floor no live frame can beat.
+- The bare TLS transport: a frame-sized message between two processes every 50 ms, no avd
+  code on the way; with the codec at 20 fps, the floors of the latency.
 - Latency and throughput: the real ``avd-sender`` (test sources) and an in-process
   ``StreamClient`` stream to a *probe receiver*: ``avd.receiver.Receiver`` with the daemon's
   recorder, plus a sink that decodes every JPEG on arrival (``cv2.imdecode``, as a live view
