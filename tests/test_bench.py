@@ -108,9 +108,12 @@ def test_the_bare_tls_transport_is_timed_per_message_at_20_fps(tmp_path: Path) -
     transport = measure_transport(ws, 10, 24_000)
     assert time.monotonic() - started >= (10 + WARM_UP) / 20  # one message every 50 ms
     assert (transport.messages, transport.size) == (10, 24_000)
-    # Stamped in µs on one system-wide clock: a loopback hop is well under 50 ms, however
-    # loaded the machine, and a wrong unit or clock would be far off either way.
-    assert 0 < transport.p50_ms <= transport.p99_ms < 50
+    # Stamped in µs on one system-wide clock, shown in ms: a 24 KB TLS hop between two
+    # processes takes more than 10 µs and, at the median, well under 50 ms however loaded the
+    # machine (the p99 of 10 is their worst, so it only has to be finite). A wrong unit or
+    # clock would be off by a thousand times or more.
+    assert 0.01 < transport.p50_ms < 50
+    assert transport.p50_ms <= transport.p99_ms < 5000
 
 
 def test_a_transport_receiver_that_fails_is_reported_with_its_output(tmp_path: Path) -> None:
