@@ -31,6 +31,35 @@ from avd.tokens import Token, read_sender_token
 log = logging.getLogger("avd.sender")
 
 
+class SpoolLossLog:
+    """Frames the spool evicted before an acknowledgement covered them are lost: the log
+    says so, not only ``avd_frames_lost_total``. The first loss is logged at once; later ones
+    at most once per ``interval_s``, with the count since, so a long outage writes a line a
+    minute, not one a frame (the metric counts every frame)."""
+
+    def __init__(self, stream: str, spool_seconds: float, interval_s: float = 60.0) -> None:
+        self.stream, self.spool_seconds, self.interval_s = stream, spool_seconds, interval_s
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def note(self, frames: int, now_s: float) -> None:
+        self._unlogged += frames
+        if not self._unlogged:
+            return
+        if self._logged_at is not None and now_s - self._logged_at < self.interval_s:
+            return
+        log.warning(
+            "%s: %d %s left the spool before the receiver acknowledged %s: lost (the spool "
+            "keeps %g s of frames, AVD_SPOOL_SECONDS, within its size caps)",
+            self.stream,
+            self._unlogged,
+            "frame" if self._unlogged == 1 else "frames",
+            "it" if self._unlogged == 1 else "them",
+            self.spool_seconds,
+        )
+        self._logged_at, self._unlogged = now_s, 0
+
+
 def load_token(settings: SenderSettings) -> Token:
     return read_sender_token(
         token_file=settings.token_file,
@@ -167,6 +196,7 @@ class Sender:
             m.frames_dropped.labels(stream=label),
         )
         lost = m.frames_lost.labels(stream=label)
+        losses = SpoolLossLog(label, s.spool_seconds)
         spooled = m.frames_spooled.labels(stream=label)
         m.spool_frames.labels(stream=label).set_function(lambda: len(spool))
         m.spool_bytes.labels(stream=label).set_function(lambda: spool.bytes)
@@ -182,7 +212,9 @@ class Sender:
             # queue drops is sent later as a late frame instead of being lost.
             seq = next(seqs)
             captured.inc()
-            lost.inc(spool.add(seq, frame))
+            if evicted_unacked := spool.add(seq, frame):
+                lost.inc(evicted_unacked)
+                losses.note(evicted_unacked, time.monotonic())
             evicted = queue.put((seq, frame))
             dropped.inc(evicted)
             spooled.inc(evicted)  # still in the spool: sent later as a late frame

@@ -359,3 +359,20 @@ def test_repeated_failures_lock_an_address_out_but_not_a_good_sender(
     wait_until(lambda: _received(handle, "cam1", "video") >= before + 20)
     log = handle.daemon.log_text()
     assert len(re.findall(r"locking out 127\.0\.0\.2", log)) == 1
+
+
+def test_a_sender_whose_receiver_stays_away_past_its_spool_logs_the_loss(
+    launch: Launcher,
+) -> None:
+    gone = launch.receiver("gone")
+    gone.daemon.kill()  # its ports refuse: every frame waits in the spool, 1 s of them
+    sender = launch.sender(gone, AVD_SPOOL_SECONDS="1", AVD_AUDIO_SOURCE="none")
+    sender.wait_for_log(
+        r"WARNING avd.sender: video: \d+ frames? left the spool before the receiver "
+        r"acknowledged (it|them): lost \(the spool keeps 1 s of frames, AVD_SPOOL_SECONDS"
+    )
+    time.sleep(1.0)
+    # Then quiet for a minute however many more go (the metric counts each one).
+    assert len(re.findall(r"left the spool", sender.log_text())) == 1
+    lost = metric(scrape(sender_metrics_url(sender)), "avd_frames_lost_total", stream="video")
+    assert lost > 5

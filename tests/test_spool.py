@@ -3,6 +3,7 @@ disk tier in a real folder, overflow goes to segment files and survives a restar
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -308,3 +309,26 @@ def test_a_sender_killed_during_an_outage_sends_what_its_disk_held_after_restart
     assert sender_metric("avd_frames_lost_total") == 0
     assert metric(back.metrics(), "avd_frames_late_total", stream="video") >= recovered
     assert second.stop() == 0
+
+
+def test_frames_lost_from_the_spool_are_logged_at_once_then_a_line_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from avd.sender import SpoolLossLog  # noqa: PLC0415 - the sender daemon's, not the spool's
+
+    losses = SpoolLossLog("audio", 30.0)
+    with caplog.at_level(logging.WARNING, logger="avd.sender"):
+        losses.note(1, 100.0)
+        losses.note(5, 110.0)  # within the minute: counted, not logged
+        losses.note(2, 159.9)
+        losses.note(3, 160.0)  # a minute after the first line: the ten since
+        losses.note(4, 300.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "audio: 1 frame left the spool before the receiver acknowledged it: lost (the spool "
+        "keeps 30 s of frames, AVD_SPOOL_SECONDS, within its size caps)",
+        "audio: 10 frames left the spool before the receiver acknowledged them: lost (the "
+        "spool keeps 30 s of frames, AVD_SPOOL_SECONDS, within its size caps)",
+        "audio: 4 frames left the spool before the receiver acknowledged them: lost (the "
+        "spool keeps 30 s of frames, AVD_SPOOL_SECONDS, within its size caps)",
+    ]
