@@ -19,6 +19,7 @@ from avd.clock import monotonic_us
 from avd.config import SenderSettings, credentials_directory
 from avd.diskspool import current_boot_id, open_disk_spool
 from avd.errors import ConfigError
+from avd.logthrottle import LogThrottle
 from avd.media.base import CapturedFrame, MediaSource, StreamKind
 from avd.metrics import SenderMetrics
 from avd.quality import FrameDecimator, LinkReport, QualityController
@@ -38,26 +39,25 @@ class SpoolLossLog:
     minute, not one a frame (the metric counts every frame)."""
 
     def __init__(self, stream: str, spool_seconds: float, interval_s: float = 60.0) -> None:
-        self.stream, self.spool_seconds, self.interval_s = stream, spool_seconds, interval_s
-        self._logged_at: float | None = None
+        self.stream, self.spool_seconds = stream, spool_seconds
+        self._throttle = LogThrottle(interval_s)
         self._unlogged = 0
 
     def note(self, frames: int, now_s: float) -> None:
         self._unlogged += frames
-        if not self._unlogged:
+        if not self._unlogged or self._throttle.admit("lost", self.stream, now_s) is None:
             return
-        if self._logged_at is not None and now_s - self._logged_at < self.interval_s:
-            return
+        one = self._unlogged == 1
         log.warning(
             "%s: %d %s left the spool before the receiver acknowledged %s: lost (the spool "
             "keeps %g s of frames, AVD_SPOOL_SECONDS, within its size caps)",
             self.stream,
             self._unlogged,
-            "frame" if self._unlogged == 1 else "frames",
-            "it" if self._unlogged == 1 else "them",
+            "frame" if one else "frames",
+            "it" if one else "them",
             self.spool_seconds,
         )
-        self._logged_at, self._unlogged = now_s, 0
+        self._unlogged = 0
 
 
 def load_token(settings: SenderSettings) -> Token:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import struct
 import sys
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from avd import eventloop
 from avd.bench.daemons import Workspace, child_env
 from avd.bench.plan import VGA
 from avd.clock import monotonic_us
+from avd.link import tune_socket
 from avd.stats import percentile
 from avd.tls import receiver_context, sender_context
 
@@ -77,7 +77,7 @@ async def _send(ws: Workspace, port: int, count: int, size: int) -> None:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
-    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_socket(writer)  # as the sender's links do: TCP_NODELAY
     body = os.urandom(size - STAMP.size)  # JPEG-like: incompressible
     loop = asyncio.get_running_loop()
     start, period = loop.time(), 1 / VGA.fps
