@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 MAX_LIVE_AGE_US = 1_000_000
 # Spooled frames sent but not yet acknowledged, at most: acks pace the backfill at the speed
 # the receiver records (a 30 s spool is ~1900 frames; the recorder queues 2000 for everyone).
+# Live frames do not count: acks are cumulative, so a live frame is acknowledged only once
+# every frame before it is, and the unsent ones before it are the backfill's to send. Were
+# they counted, a live stream would fill the window while the recorder held a backfill
+# burst, and the gap below it would stay unsent until the spool evicted it.
 BACKFILL_WINDOW = 256
 # On shutdown, how long the sender goes on backfilling before it says goodbye.
 FLUSH_BACKFILL_US = 1_000_000
@@ -102,6 +106,7 @@ class Link:
         self.client, self.conn = client, conn
         self.backfill_cursor = first_seq - 1  # spooled frames above it may still be unsent
         self.sent: set[int] = set()  # sent in this session and not yet acknowledged
+        self.backfill_in_flight: set[int] = set()  # the late ones among them
         self.floor_sent = first_seq
         self.counters = _StreamCounters(client.metrics, client.label)
         self.said_goodbye = False
@@ -166,7 +171,8 @@ class Link:
                 # Backfill only into an idle link, and with few frames awaiting their acks: it
                 # must never queue ahead of live frames, nor outrun the receiver's recorder
                 # (whose queue would give the excess up). Until then a live frame may come.
-                if unsent_bytes(self.writer) == 0 and len(self.sent) < BACKFILL_WINDOW:
+                idle = unsent_bytes(self.writer) == 0
+                if idle and len(self.backfill_in_flight) < BACKFILL_WINDOW:
                     item, late = pending, True
                     self.backfill_cursor = pending[0]
                 else:
@@ -203,6 +209,7 @@ class Link:
         self.counters.sent.inc()
         self.counters.sent_bytes.inc(len(payload))
         if late:
+            self.backfill_in_flight.add(seq)
             self.counters.backfilled.inc()
             self.backfilled += 1
 
@@ -244,6 +251,7 @@ class Link:
         self.client.spool.ack(seq)
         self.client.acked_seq = max(self.client.acked_seq, seq)
         self.sent = {s for s in self.sent if s > seq}
+        self.backfill_in_flight = {s for s in self.backfill_in_flight if s > seq}
 
     async def _read(self) -> None:
         while True:
