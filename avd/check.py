@@ -78,10 +78,10 @@ def check_certificate(report: Report, path: Path, variable: str) -> None:
         report.ok(f"{variable}: {path} valid for {days:.0f} more days")
 
 
-def check_key(report: Report, path: Path | None, variable: str) -> None:
+def check_key(report: Report, path: Path | None, variable: str, what: str = "private key") -> None:
     if path is None:
         return
-    problems = key_permission_problems(path)
+    problems = key_permission_problems(path, what)
     for problem in problems:
         report.warn(f"{variable}: {problem}", f"chmod 600 {path}")
     if not problems:
@@ -160,6 +160,7 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
     if settings.tls_cert is not None:
         check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
+    check_key(report, settings.token_file, "AVD_TOKEN_FILE", "token")
     kind = StreamKind.AUDIO if settings.video_source == "none" else StreamKind.VIDEO
     eventloop.run(
         probe_receiver(

@@ -150,11 +150,11 @@ class Sender:
             key=settings.tls_key,
             allow_tls12=settings.allow_tls12,
         )
-        for variable, path in (
-            ("AVD_TLS_KEY", settings.tls_key),
-            ("AVD_TOKEN_FILE", settings.token_file),
+        for variable, path, what in (
+            ("AVD_TLS_KEY", settings.tls_key, "private key"),
+            ("AVD_TOKEN_FILE", settings.token_file, "token"),
         ):
-            for problem in key_permission_problems(path) if path else []:
+            for problem in key_permission_problems(path, what) if path else []:
                 log.warning("%s: %s", variable, problem)
         self.sources = build_sources(settings)
         self.clients: list[StreamClient] = []

@@ -68,8 +68,9 @@ def describe_tls(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str,
     return (ssl_object.version() or "none", cipher[0] if cipher else "none")
 
 
-def key_permission_problems(path: Path) -> list[str]:
-    """One warning line per class of users (group, others) that may read or write a key."""
+def key_permission_problems(path: Path, what: str = "private key") -> list[str]:
+    """One warning line per class of users (group, others) that may read or write a secret
+    file: a private key, or ``what`` it is (a sender's token)."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
@@ -84,7 +85,7 @@ def key_permission_problems(path: Path) -> list[str]:
         )
         if access:
             problems.append(
-                f"private key {path} is {access} by {who} (mode {mode:04o}): run chmod 600 {path}"
+                f"{what} {path} is {access} by {who} (mode {mode:04o}): run chmod 600 {path}"
             )
     return problems
 

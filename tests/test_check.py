@@ -113,3 +113,20 @@ def test_a_wrong_token_and_an_absent_receiver_are_errors_with_remedies(
     assert absent.returncode == 1
     assert "cannot reach the receiver" in absent.stdout
     assert "is avd-receiver running" in absent.stdout
+
+
+def test_a_readable_token_file_is_a_warning_that_calls_it_a_token(
+    pki: CertPaths, creds: Credentials, receiver: ReceiverHandle, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(creds.tokens["cam1"] + "\n")
+    token_file.chmod(0o644)
+    env = sender_env(pki, receiver, "cam1", "", AVD_AUDIO_SOURCE="none")
+    env["AVD_TOKEN_FILE"] = str(token_file)
+    del env["AVD_TOKEN"]
+    result = run_check("sender", env)
+    assert result.returncode == 2, result.stdout  # warnings only: it still authenticates
+    assert f"AVD_TOKEN_FILE: token {token_file} is readable by group" in result.stdout
+    assert f"chmod 600 {token_file}" in result.stdout
+    assert "private key" not in result.stdout.split("AVD_TOKEN_FILE")[1]
+    assert creds.tokens["cam1"] not in result.stdout

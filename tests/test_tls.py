@@ -378,3 +378,11 @@ def test_key_permission_problems(tmp_path: Path, mode: int, expected: list[str])
 def test_key_permission_problems_of_a_missing_file(tmp_path: Path) -> None:
     (problem,) = key_permission_problems(tmp_path / "missing.key")
     assert "cannot check" in problem
+
+
+def test_key_permission_problems_name_what_the_file_holds(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o640)
+    (problem,) = key_permission_problems(token, "token")
+    assert problem.startswith(f"token {token} is readable by group")
