@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -113,6 +114,17 @@ def _serve_metrics(
 # ---- receiver ---------------------------------------------------------------------------
 
 
+def _systemd_made_it_read_only(exc: OSError) -> bool:
+    # The unit's ProtectSystem=strict leaves only its StateDirectory writable.
+    return exc.errno == errno.EROFS and bool(os.environ.get("INVOCATION_ID"))
+
+
+_UNDER_SYSTEMD_WRITABLE = (
+    " (the avd-receiver unit may write only under /var/lib/avd: add the folder to"
+    " ReadWritePaths= in a drop-in, systemctl edit avd-receiver)"
+)
+
+
 def build_recorder(
     settings: ReceiverSettings,
     on_done: OnDone | None,
@@ -120,7 +132,16 @@ def build_recorder(
 ) -> RecorderProcess | None:
     if settings.record_dir is None:
         return None
+    from avd.media.naming import prepare_record_dir  # noqa: PLC0415
     from avd.media.recorder_process import RecorderConfig, RecorderProcess  # noqa: PLC0415
+
+    try:
+        prepare_record_dir(settings.record_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"AVD_RECORD_DIR: cannot record to {settings.record_dir}: {exc.strerror or exc}"
+            + (_UNDER_SYSTEMD_WRITABLE if _systemd_made_it_read_only(exc) else "")
+        ) from None
     from avd.media.retention import RetentionPolicy  # noqa: PLC0415
 
     gb = 1024**3

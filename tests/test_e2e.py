@@ -261,6 +261,8 @@ def test_sighup_reload_closes_a_revoked_senders_sessions(
     [
         ("receiver", {"AVD_VIDEO_PORT": "not-a-port"}, "AVD_VIDEO_PORT"),
         ("receiver", {"AVD_TOKENS_FILE": "/nonexistent/tokens"}, "AVD_TOKENS_FILE"),
+        # A folder it could never record to: said at start, not when a sender first connects.
+        ("receiver", {"AVD_RECORD_DIR": "/dev/null/recordings"}, "AVD_RECORD_DIR"),
         ("sender", {"AVD_FPS": "0"}, "AVD_FPS"),
         ("sender", {"AVD_TLS_CA": "/nonexistent/ca.crt"}, "AVD_TLS_CA"),
     ],

@@ -334,24 +334,40 @@ def test_killed_receiver_is_restarted_and_the_sender_streams_again(services: Ins
     assert c.show("avd-sender", "MainPID", "NRestarts") == sender_before
 
 
-def test_bad_setting_fails_once_without_a_restart_loop(services: Installed) -> None:
+@pytest.mark.parametrize(
+    ("unit", "line", "said"),
+    [
+        ("avd-sender", "AVD_FPS=0", ["AVD_FPS"]),
+        # Outside its StateDirectory the unit may not write (ProtectSystem=strict): said at
+        # start, with the way out, rather than at the first sender's first frame.
+        (
+            "avd-receiver",
+            "AVD_RECORD_DIR=/srv/avd-recordings",
+            ["AVD_RECORD_DIR: cannot record to /srv/avd-recordings", "ReadWritePaths="],
+        ),
+    ],
+)
+def test_bad_setting_fails_once_without_a_restart_loop(
+    services: Installed, unit: str, line: str, said: list[str]
+) -> None:
     c = services.container
-    path = "/etc/avd/sender.env"
+    path = f"/etc/avd/{unit.removeprefix('avd-')}.env"
     good = c.host_path(path).read_text()
-    before = int(c.show("avd-sender", "NRestarts")["NRestarts"])
-    write(c, path, good + "AVD_FPS=0\n", 0o640)
+    before = int(c.show(unit, "NRestarts")["NRestarts"])
+    write(c, path, f"{good}{line}\n", 0o640)
     try:
-        result = c.systemctl("start", "avd-sender", timeout=60, check=False)
+        result = c.systemctl("start", unit, timeout=60, check=False)
         assert result.returncode != 0
         # Longer than RestartSec: a restart, if systemd scheduled one, would have happened.
         time.sleep(RESTART_SEC + 1.5)
-        shown = c.show("avd-sender", "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        shown = c.show(unit, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
         assert shown["ActiveState"] == "failed", shown
         assert shown["Result"] == "exit-code"
         assert shown["ExecMainStatus"] == "78"  # EX_CONFIG, in RestartPreventExitStatus=
         assert int(shown["NRestarts"]) == before
-        invocation = c.show("avd-sender", "InvocationID")["InvocationID"]
-        messages = [e["MESSAGE"] for e in entries_of_run(c, "avd-sender", invocation)]
-        assert any("AVD_FPS" in m for m in messages), messages
+        invocation = c.show(unit, "InvocationID")["InvocationID"]
+        messages = [e["MESSAGE"] for e in entries_of_run(c, unit, invocation)]
+        for fragment in said:
+            assert any(fragment in m for m in messages), messages
     finally:
         write(c, path, good, 0o640)

@@ -9,6 +9,7 @@ segment is written as ``.<name>.part`` until its first cluster is in it.
 from __future__ import annotations
 
 import re
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +17,18 @@ _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NAME = re.compile(r"(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-backfill)?(?:-\d+)?\.mkv")
 BACKFILL_SUFFIX = "-backfill"
 PART_SUFFIX = ".part"
+
+
+def prepare_record_dir(record_dir: Path) -> None:
+    """Create ``record_dir`` if it is missing and prove that a file can be made in it; an
+    OSError says why not (a file in the way, no permission, a read-only file system).
+
+    The receiver calls it before it listens: a folder it could never record to is a bad
+    setting, said at once, not a pause logged only when the first sender connects.
+    """
+    record_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=record_dir, prefix=".avd-write-test-"):
+        pass
 
 
 def check_path_component(name: str) -> str:
