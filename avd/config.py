@@ -154,7 +154,9 @@ class ReceiverSettings(CommonSettings):
         "default", description="speaker: none, default, or a device index or name substring"
     )
     playback_sender: OptionalText = Field(
-        None, description="which sender is heard; default: the first connected"
+        None,
+        description="which sender is heard",
+        json_schema_extra={"shown_default": "the first to connect"},
     )
     playback_buffer_ms: Annotated[int, Field(ge=10, le=2000)] = Field(
         60, description="jitter buffer depth of the speaker"
@@ -202,11 +204,17 @@ class SenderSettings(CommonSettings):
         description="CA certificate that signed the receiver's certificate"
     )
     tls_server_name: OptionalText = Field(
-        None, description="name to verify in the receiver's certificate (default: host)"
+        None,
+        description="name to verify in the receiver's certificate",
+        json_schema_extra={"shown_default": "AVD_RECEIVER_HOST"},
     )
     tls_cert: OptionalPath = Field(None, description="client certificate, for mutual TLS")
     tls_key: OptionalPath = Field(None, description="client private key, for mutual TLS")
-    sender_id: str = Field(default_factory=_default_sender_id, description="default: host name")
+    sender_id: str = Field(
+        default_factory=_default_sender_id,
+        description="this sender's name, as the receiver's tokens file knows it",
+        json_schema_extra={"shown_default": "this machine's host name"},
+    )
     token_file: OptionalPath = Field(None, description="file holding this sender's token")
     token: SecretStr | None = Field(
         None, description="the token itself (prefer AVD_TOKEN_FILE or a credential)"
@@ -313,15 +321,23 @@ def settings_help(cls: type[CommonSettings]) -> str:
     """Lines for ``--help``: every variable with its default and description."""
     lines = []
     for name, info in cls.model_fields.items():
-        default = "required" if info.is_required() else f"default: {_show_default(info)}"
+        default = "required" if info.is_required() else f"default: {shown_default(info)}"
         lines.append(f"  AVD_{name.upper():<22} {info.description or ''} ({default})")
     return "\n".join(lines)
 
 
-def _show_default(info: Any) -> str:
+def shown_default(info: Any) -> str:
+    """A setting's default as ``--help`` and config.example.env state it: as one would write
+    it in an env file, or in words where it is not a value (``shown_default``)."""
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and "shown_default" in extra:
+        return str(extra["shown_default"])
     if info.default_factory is not None:
         return "computed"
-    return "unset" if info.default is None else str(info.default)
+    default = info.default
+    if default is None:
+        return "unset"
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def credentials_directory() -> str | None:

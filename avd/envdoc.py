@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from avd.config import CommonSettings, ReceiverSettings, SenderSettings
+from avd.config import CommonSettings, ReceiverSettings, SenderSettings, shown_default
 
 # Values shown for the required variables (they have no default to show).
 EXAMPLES = {
@@ -41,21 +41,14 @@ SECTIONS = (
 )
 
 
-def _default_text(info: Any) -> str:
-    default = info.default
-    return str(default).lower() if isinstance(default, bool) else str(default)
-
-
 def _entry(role: str, name: str, info: Any) -> list[str]:
     variable = f"AVD_{name.upper()}"
     if info.is_required():
         return [f"# {info.description} (required)", f"{variable}={EXAMPLES.get((role, name), '')}"]
-    if info.default_factory is not None:
-        return [f"# {info.description} (default: computed)", f"#{variable}="]
-    if info.default is None:
-        return [f"# {info.description} (default: unset)", f"#{variable}="]
-    value = _default_text(info)
-    return [f"# {info.description} (default: {value})", f"#{variable}={value}"]
+    shown = shown_default(info)
+    # A default that is not a value (unset, or said in words) is not written as one.
+    value = "" if info.default_factory is not None or info.default is None else shown
+    return [f"# {info.description} (default: {shown})", f"#{variable}={value}"]
 
 
 def render_example_env() -> str:

@@ -190,3 +190,18 @@ def test_config_example_is_exactly_what_the_settings_render() -> None:
     assert (REPO / "config.example.env").read_text() == render_example_env(), (
         "config.example.env is stale: run `python -m avd.envdoc > config.example.env`"
     )
+
+
+@pytest.mark.parametrize("cls", [ReceiverSettings, SenderSettings])
+def test_help_states_each_default_once_as_it_would_be_written(
+    cls: type[CommonSettings],
+) -> None:
+    lines = settings_help(cls).splitlines()
+    assert len(lines) == len(cls.model_fields)
+    for line in lines:
+        assert line.count("default:") + line.count("(required)") == 1, line
+        assert "(default: True)" not in line, line
+        assert "(default: False)" not in line, line
+    if cls is SenderSettings:
+        (server_name,) = [line for line in lines if "AVD_TLS_SERVER_NAME" in line]
+        assert server_name.endswith("(default: AVD_RECEIVER_HOST)")
