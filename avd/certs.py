@@ -2,7 +2,9 @@
 
 ``init_certs`` writes, into one directory:
 
-- ``ca.crt`` / ``ca.key``: a self-signed CA that signs the two leaves below and nothing else;
+- ``ca.crt`` / ``ca.key``: a self-signed CA that signs the two leaves below and nothing else,
+  valid for ``CA_DAYS`` (ten years) so that ``renew_certs`` can issue new leaves from it
+  while every sender keeps its ``ca.crt``;
 - ``receiver.crt`` / ``receiver.key``: the receiver's server certificate, valid for the given
   host names and IP addresses (subjectAltName), extended key usage serverAuth only;
 - ``sender.crt`` / ``sender.key``: a client certificate (CN and DNS name ``avd-sender``,
@@ -11,7 +13,8 @@
 Keys are ECDSA P-256: small, fast to sign and accepted by every TLS 1.3 stack. Keys are
 created with mode 0600 before a byte of them is written, every file is written atomically
 (a temporary file in the same directory, then ``os.replace``), and nothing is overwritten
-without ``force``.
+without ``force``. ``renew_certs`` replaces the two leaves (new keys, the receiver's host
+names kept unless given) and leaves the CA alone.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ DIRECTORY_MODE = 0o700
 # Certificates start one hour in the past so that a peer whose clock is a little behind
 # still accepts a certificate made a moment ago.
 CLOCK_SKEW = timedelta(hours=1)
+# The CA outlives its leaves, so that they can be renewed without a new ca.crt on every sender.
+CA_DAYS = 3650
+# From this many days before a certificate's end, the daemons and `avd check` warn, and
+# `avd certs renew` will not issue leaves from a CA that has less left.
+EXPIRY_WARNING_DAYS = 30
+# For the throwaway certificates of `avd demo`, `avd bench` and the soak: long enough that
+# the daemons do not warn of their end.
+SHORT_LIVED_DAYS = EXPIRY_WARNING_DAYS + 1
 SENDER_COMMON_NAME = "avd-sender"
 RECEIVER_COMMON_NAME = "avd-receiver"
 
@@ -95,7 +106,8 @@ def init_certs(
     """Make the CA, the receiver's and the sender's certificates in ``directory``.
 
     825 days is the longest validity the CA/Browser Forum allowed for a server certificate;
-    clients that enforce such limits accept it. Raises CertsExistError naming the files that
+    clients that enforce such limits accept it. The CA lasts CA_DAYS (or ``days``, if
+    longer): ``renew_certs`` issues new leaves from it. Raises CertsExistError naming the files that
     exist unless ``force``, and ConfigError for an unusable host name.
     """
     if days < 1:
@@ -109,25 +121,101 @@ def init_certs(
         names = ", ".join(str(p) for p in existing)
         raise CertsExistError(f"refusing to overwrite {names} (use --force to replace them)")
     _make_directory(directory)
-    # One validity for all three, so that no leaf outlives its CA.
-    valid = _validity(days)
-    ca = _make_ca(valid)
+    start = datetime.now(UTC) - CLOCK_SKEW
+    ca = _make_ca(_Validity(start, start + CLOCK_SKEW + timedelta(days=max(days, CA_DAYS))))
+    leaves = _Validity(start, start + CLOCK_SKEW + timedelta(days=days))
+    _issue_leaves(paths, ca, leaves, alt_names, with_ca=True)
+    return paths
+
+
+def renew_certs(
+    directory: Path,
+    hosts: Sequence[str] | None = None,
+    days: int = 825,
+    ca_key: Path | None = None,
+) -> datetime:
+    """Issue the receiver and the sender new certificates and keys from the CA in
+    ``directory`` (its key from ``ca_key`` if it is kept elsewhere); returns their end.
+    Senders keep their ``ca.crt``.
+
+    The receiver's host names are those of the current ``receiver.crt`` unless ``hosts`` are
+    given. A leaf never outlives its CA: it ends with the CA if that comes first. Raises
+    ConfigError naming the file or the host at fault, and when the CA itself has less than
+    EXPIRY_WARNING_DAYS left (then only a new CA, and its ca.crt on every sender, will do).
+    """
+    if days < 1:
+        raise ConfigError(f"certificate validity must be at least 1 day, got {days}")
+    paths = CertPaths.in_directory(directory)
+    ca = _load_ca(paths.ca_cert, ca_key or paths.ca_key)
+    if hosts:
+        alt_names = [_alt_name(host) for host in _unique(hosts)]
+    else:
+        alt_names = _receiver_alt_names(paths.receiver_cert)
+    start = datetime.now(UTC) - CLOCK_SKEW
+    ca_end = ca.cert.not_valid_after_utc
+    if ca_end - start < timedelta(days=EXPIRY_WARNING_DAYS):
+        raise ConfigError(
+            f"the CA {paths.ca_cert} ends on {ca_end:%Y-%m-%d}: make a new one with "
+            "`avd certs init --force` and give its ca.crt to every sender"
+        )
+    end = min(start + CLOCK_SKEW + timedelta(days=days), ca_end)
+    _issue_leaves(paths, ca, _Validity(start, end), alt_names, with_ca=False)
+    return cert_not_after(paths.receiver_cert)  # as stored: whole seconds
+
+
+def _issue_leaves(
+    paths: CertPaths,
+    ca: _Issued,
+    valid: _Validity,
+    alt_names: list[x509.GeneralName],
+    *,
+    with_ca: bool,
+) -> None:
+    """Make the receiver's and the sender's certificates and write them (and, ``with_ca``,
+    the CA's files) atomically, each key before its certificate."""
     server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
     receiver = _make_leaf(ca, valid, RECEIVER_COMMON_NAME, server, alt_names)
     # The sender's name goes in a subjectAltName too: strict verifiers (RFC 5280 profiles,
     # `cryptography`'s own) refuse a leaf without one.
     sender_alt_names: list[x509.GeneralName] = [x509.DNSName(SENDER_COMMON_NAME)]
     sender = _make_leaf(ca, valid, SENDER_COMMON_NAME, client, sender_alt_names)
-    # Keys first, so a certificate never sits on disk without its key.
-    for issued, key_path, cert_path in (
-        (ca, paths.ca_key, paths.ca_cert),
+    issued = [
         (receiver, paths.receiver_key, paths.receiver_cert),
         (sender, paths.sender_key, paths.sender_cert),
-    ):
-        write_atomically(key_path, _key_pem(issued.key), mode=KEY_MODE)
-        cert_pem = issued.cert.public_bytes(serialization.Encoding.PEM)
+    ]
+    if with_ca:
+        issued.insert(0, (ca, paths.ca_key, paths.ca_cert))
+    # Keys first, so a certificate never sits on disk without its key.
+    for made, key_path, cert_path in issued:
+        write_atomically(key_path, _key_pem(made.key), mode=KEY_MODE)
+        cert_pem = made.cert.public_bytes(serialization.Encoding.PEM)
         write_atomically(cert_path, cert_pem, mode=CERT_MODE)
-    return paths
+
+
+def _load_ca(cert_path: Path, key_path: Path) -> _Issued:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {exc.filename}: {exc.strerror or exc} (renewing needs the CA's "
+            "ca.crt and ca.key from `avd certs init`; --ca-key if the key is kept elsewhere)"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{cert_path} or {key_path} is not a usable CA: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise ConfigError(f"{key_path} is not the key of {cert_path}")
+    return _Issued(key, cert)
+
+
+def _receiver_alt_names(receiver_cert: Path) -> list[x509.GeneralName]:
+    try:
+        cert = x509.load_pem_x509_certificate(receiver_cert.read_bytes())
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ConfigError(
+            f"cannot take the host names from {receiver_cert} ({exc}): give them with --hosts"
+        ) from None
 
 
 def format_init_report(paths: CertPaths) -> str:
@@ -189,11 +277,6 @@ def _name(common_name: str) -> x509.Name:
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
-
-
-def _validity(days: int) -> _Validity:
-    now = datetime.now(UTC)
-    return _Validity(now - CLOCK_SKEW, now + timedelta(days=days))
 
 
 def _builder(

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avd import eventloop, protocol
-from avd.certs import seconds_until_expiry
+from avd.certs import EXPIRY_WARNING_DAYS, seconds_until_expiry
+from avd.certwatch import renewal_remedy
 from avd.clock import monotonic_us
 from avd.config import (
     CommonSettings,
@@ -36,8 +37,6 @@ from avd.media.base import StreamKind
 from avd.protocol import Role
 from avd.tls import key_permission_problems, receiver_context, sender_context
 from avd.tokens import TokenStore, read_sender_token
-
-EXPIRY_WARNING_DAYS = 30
 
 
 @dataclass
@@ -69,11 +68,9 @@ def check_certificate(report: Report, path: Path, variable: str) -> None:
         report.error(f"{variable}: {exc}", "point it at a PEM certificate")
         return
     if days <= 0:
-        report.error(
-            f"{variable}: {path} expired {-days:.0f} days ago", "renew it (avd certs init)"
-        )
+        report.error(f"{variable}: {path} expired {-days:.0f} days ago", renewal_remedy(variable))
     elif days < EXPIRY_WARNING_DAYS:
-        report.warn(f"{variable}: {path} expires in {days:.0f} days", "renew it soon")
+        report.warn(f"{variable}: {path} expires in {days:.0f} days", renewal_remedy(variable))
     else:
         report.ok(f"{variable}: {path} valid for {days:.0f} more days")
 

@@ -183,6 +183,7 @@ def build_receiver_sinks(
 
 
 async def run_receiver(settings: ReceiverSettings) -> int:
+    from avd.certwatch import loaded_certificates, watch_expiry  # noqa: PLC0415
     from avd.receiver import Receiver  # noqa: PLC0415 - keeps `--help` fast
 
     metrics = ReceiverMetrics()
@@ -227,11 +228,13 @@ async def run_receiver(settings: ReceiverSettings) -> int:
     )
     notifier.ready()
     informer = asyncio.create_task(keep_systemd_informed(notifier, receiver.status_line))
+    served = [("AVD_TLS_CERT", settings.tls_cert), ("AVD_TLS_CLIENT_CA", settings.tls_client_ca)]
+    expiry = asyncio.create_task(watch_expiry(loaded_certificates(served)))
     await stop.wait()
     notifier.stopping()
     log_event(log, logging.INFO, LogEvent.DAEMON_STOPPING, "avd-receiver stopping")
     await receiver.shutdown()
-    await cancel_quietly(informer)
+    await cancel_quietly(informer, expiry)
     await asyncio.to_thread(sink.close)
     if stop_metrics is not None:
         stop_metrics()
@@ -256,6 +259,7 @@ def receiver_main(argv: Sequence[str] | None = None) -> int:
 
 
 async def run_sender(settings: SenderSettings) -> int:
+    from avd.certwatch import loaded_certificates, watch_expiry  # noqa: PLC0415
     from avd.sender import Sender, describe  # noqa: PLC0415
 
     metrics = SenderMetrics()
@@ -279,6 +283,8 @@ async def run_sender(settings: SenderSettings) -> int:
         await asyncio.sleep(0.05)
     notifier.ready()
     informer = asyncio.create_task(keep_systemd_informed(notifier, sender.status_line))
+    trusted = [("AVD_TLS_CA", settings.tls_ca), ("AVD_TLS_CERT", settings.tls_cert)]
+    expiry = asyncio.create_task(watch_expiry(loaded_certificates(trusted)))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({streaming, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
@@ -295,7 +301,7 @@ async def run_sender(settings: SenderSettings) -> int:
         abort.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(streaming, timeout=1.0)
-    await cancel_quietly(informer, stopper)
+    await cancel_quietly(informer, expiry, stopper)
     if stop_metrics is not None:
         stop_metrics()
     for line in sender.summary():
@@ -329,6 +335,23 @@ def _certs_init(args: argparse.Namespace) -> int:
         print(f"avd certs init: {exc}", file=sys.stderr)
         return 1
     print(format_init_report(paths))
+    return 0
+
+
+def _certs_renew(args: argparse.Namespace) -> int:
+    from avd.certs import CertPaths, renew_certs  # noqa: PLC0415
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    ca_key = Path(args.ca_key) if args.ca_key else None
+    end = renew_certs(Path(args.dir), hosts, days=args.days, ca_key=ca_key)
+    paths = CertPaths.in_directory(Path(args.dir))
+    for path in (paths.receiver_cert, paths.receiver_key, paths.sender_cert, paths.sender_key):
+        print(f"wrote {path}")
+    print(
+        f"Valid until {end:%Y-%m-%d %H:%M} UTC, from the same CA: senders keep their ca.crt. "
+        "Install the receiver's new certificate and key and restart avd-receiver (senders "
+        "that use mutual TLS: their new sender.crt and sender.key, and restart them)."
+    )
     return 0
 
 
@@ -367,6 +390,16 @@ def admin_parser() -> argparse.ArgumentParser:
     init.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(func=_certs_init)
+    renew = certs.add_parser(
+        "renew", help="new receiver and sender certificates from the same CA (ca.crt unchanged)"
+    )
+    renew.add_argument("--dir", default="certs", help="the folder of `certs init` (default: certs)")
+    renew.add_argument(
+        "--hosts", help="receiver names/addresses, comma-separated (default: the current ones)"
+    )
+    renew.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
+    renew.add_argument("--ca-key", help="the CA's key, if kept elsewhere (default: DIR/ca.key)")
+    renew.set_defaults(func=_certs_renew)
 
     token = sub.add_parser("token", help="sender tokens").add_subparsers(
         dest="action", required=True

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from avd.certs import init_certs
+from avd.certs import SHORT_LIVED_DAYS, init_certs
 from avd.tokens import add_token, new_token
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -161,7 +161,7 @@ def _recording_summary(record_dir: Path) -> list[str]:
 
 def run(seconds: float, workdir: Path) -> int:
     print(f"avd demo: working in {workdir}")
-    pki = init_certs(workdir / "certs", ["localhost", "127.0.0.1"], days=2)
+    pki = init_certs(workdir / "certs", ["localhost", "127.0.0.1"], days=SHORT_LIVED_DAYS)
     token = new_token()
     add_token(workdir / "tokens", "demo-cam", token)
     (workdir / "token").write_text(token + "\n")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avd.certs import init_certs
+from avd.certs import SHORT_LIVED_DAYS, init_certs
 
 from .conftest import (
     Credentials,
@@ -114,7 +114,7 @@ class Soak:
     def __init__(self, opts: Options, root: Path) -> None:
         self.opts, self.root = opts, root
         self.rng = random.Random(opts.seed)
-        self.pki = init_certs(root / "pki", ["localhost", "127.0.0.1"], days=2)
+        self.pki = init_certs(root / "pki", ["localhost", "127.0.0.1"], days=SHORT_LIVED_DAYS)
         self.creds = Credentials(root / "tokens")
         self.record_dir = root / "recordings"
         (root / "logs").mkdir()

@@ -17,12 +17,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from avd import certs, cli
 from avd.certs import (
+    CA_DAYS,
     CertPaths,
     cert_not_after,
     default_hosts,
     format_init_report,
     init_certs,
+    renew_certs,
     seconds_until_expiry,
 )
 from avd.errors import CertsExistError, ConfigError
@@ -171,13 +174,98 @@ def test_validity_starts_an_hour_back_and_lasts_the_given_days(tmp_path: Path) -
     before = datetime.now(UTC)
     paths = init_certs(tmp_path, ["localhost"], days=10)
     after = datetime.now(UTC)
-    for path in (paths.ca_cert, paths.receiver_cert, paths.sender_cert):
+    # The leaves last the given days; the CA ten years, so that they can be renewed from it.
+    for path, days in (
+        (paths.ca_cert, CA_DAYS),
+        (paths.receiver_cert, 10),
+        (paths.sender_cert, 10),
+    ):
         cert = load_cert(path)
         start = cert.not_valid_before_utc
         # Certificates store whole seconds: allow one second of truncation.
         assert before - timedelta(hours=1, seconds=1) <= start <= after - timedelta(hours=1)
         end = cert.not_valid_after_utc
-        assert before + timedelta(days=10, seconds=-1) <= end <= after + timedelta(days=10)
+        assert before + timedelta(days=days, seconds=-1) <= end <= after + timedelta(days=days)
+
+
+def test_a_longer_validity_than_ten_years_stretches_the_ca_too(tmp_path: Path) -> None:
+    paths = init_certs(tmp_path, ["localhost"], days=CA_DAYS + 100)
+    assert cert_not_after(paths.ca_cert) == cert_not_after(paths.receiver_cert)
+
+
+# ---- renew ------------------------------------------------------------------------------
+
+
+def test_renew_issues_new_leaves_from_the_same_ca(tmp_path: Path) -> None:
+    paths = init_certs(tmp_path, HOSTS, days=10)
+    ca_files = {p: p.read_bytes() for p in (paths.ca_cert, paths.ca_key)}
+    old = {p: p.read_bytes() for p in (paths.receiver_key, paths.sender_key)}
+    old_san = load_cert(paths.receiver_cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    end = renew_certs(tmp_path, days=400)
+    assert {p: p.read_bytes() for p in ca_files} == ca_files  # senders keep their ca.crt
+    for key, before in old.items():
+        assert key.read_bytes() != before  # new keys, not only new dates
+        assert mode_of(key) == 0o600
+    assert end == cert_not_after(paths.receiver_cert) == cert_not_after(paths.sender_cert)
+    assert timedelta(days=399) < end - datetime.now(UTC) <= timedelta(days=400)
+    receiver = load_cert(paths.receiver_cert)
+    new_san = receiver.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert new_san.value == old_san.value  # the host names kept
+    ca = load_cert(paths.ca_cert)
+    for leaf in (receiver, load_cert(paths.sender_cert)):
+        leaf.verify_directly_issued_by(ca)
+    verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(x509.DNSName("avd.example"))
+    verifier.verify(receiver, [])
+    assert {p.name for p in tmp_path.iterdir()} == FILE_NAMES
+
+
+def test_renew_with_hosts_replaces_the_host_names(tmp_path: Path) -> None:
+    paths = init_certs(tmp_path, ["localhost"], days=10)
+    renew_certs(tmp_path, ["new.example", "192.0.2.10"])
+    san = load_cert(paths.receiver_cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert san.value.get_values_for_type(x509.DNSName) == ["new.example"]
+    assert san.value.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("192.0.2.10")]
+
+
+def test_a_renewed_leaf_ends_with_its_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(certs, "CA_DAYS", 40)  # a CA of an earlier avd: as short as its leaves
+    paths = init_certs(tmp_path, ["localhost"], days=10)
+    assert renew_certs(tmp_path, days=825) == cert_not_after(paths.ca_cert)
+
+
+def test_renew_refuses_a_ca_near_its_end_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(certs, "CA_DAYS", 20)
+    paths = init_certs(tmp_path, ["localhost"], days=10)
+    before = {p: p.read_bytes() for p in paths.all()}
+    with pytest.raises(ConfigError, match=r"ca\.crt ends on .*avd certs init --force"):
+        renew_certs(tmp_path)
+    assert {p: p.read_bytes() for p in paths.all()} == before
+
+
+def test_renew_names_what_is_missing_or_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read .*ca\.crt.*avd certs init"):
+        renew_certs(tmp_path / "nowhere")
+    paths = init_certs(tmp_path / "a", ["localhost"], days=10)
+    other = init_certs(tmp_path / "b", ["localhost"], days=10)
+    paths.ca_key.write_bytes(other.ca_key.read_bytes())
+    with pytest.raises(ConfigError, match=r"ca\.key is not the key of"):
+        renew_certs(tmp_path / "a")
+    paths.ca_key.write_bytes(b"not a key")
+    with pytest.raises(ConfigError, match="not a usable CA"):
+        renew_certs(tmp_path / "a")
+    kept = init_certs(tmp_path / "c", ["localhost"], days=10)
+    kept.receiver_cert.unlink()
+    with pytest.raises(ConfigError, match="--hosts"):
+        renew_certs(tmp_path / "c")
+    assert not kept.receiver_key.with_name("receiver.crt").exists()  # nothing half-written
+    with pytest.raises(ConfigError, match="1 day"):
+        renew_certs(tmp_path / "c", ["localhost"], days=0)
 
 
 def test_refuses_to_overwrite_and_names_the_files(tmp_path: Path) -> None:
@@ -262,3 +350,25 @@ def test_report_lists_every_file_and_marks_the_keys_secret(made: CertPaths) -> N
         (line,) = [line for line in lines if str(path) in line]
         assert ("SECRET" in line) == (path in made.secret())
     assert "0600" in lines[-1]
+
+
+def test_the_renew_command_says_what_it_wrote_and_what_is_left_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = init_certs(tmp_path, ["localhost"], days=10)
+    old_ca = paths.ca_cert.read_bytes()
+    assert cli.main(["certs", "renew", "--dir", str(tmp_path), "--days", "90"]) == 0
+    out = capsys.readouterr().out
+    for path in (paths.receiver_cert, paths.receiver_key, paths.sender_cert, paths.sender_key):
+        assert f"wrote {path}" in out
+    assert f"Valid until {cert_not_after(paths.receiver_cert):%Y-%m-%d %H:%M} UTC" in out
+    offline = tmp_path / "offline" / "ca.key"  # kept away from the receiver, as advised
+    offline.parent.mkdir()
+    paths.ca_key.rename(offline)
+    assert cli.main(["certs", "renew", "--dir", str(tmp_path), "--ca-key", str(offline)]) == 0
+    assert not paths.ca_key.exists()  # the key stays where it is kept
+    load_cert(paths.receiver_cert).verify_directly_issued_by(load_cert(paths.ca_cert))
+    assert "senders keep their ca.crt" in out
+    assert paths.ca_cert.read_bytes() == old_ca
+    assert cli.main(["certs", "renew", "--dir", str(tmp_path / "nowhere")]) == cli.EX_CONFIG
+    assert "cannot read" in capsys.readouterr().err

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from avd.certs import CertPaths
+from avd.certs import CertPaths, init_certs
+from avd.check import Report, check_certificate
 
 from .conftest import (
     Credentials,
@@ -130,3 +131,14 @@ def test_a_readable_token_file_is_a_warning_that_calls_it_a_token(
     assert f"chmod 600 {token_file}" in result.stdout
     assert "private key" not in result.stdout.split("AVD_TOKEN_FILE")[1]
     assert creds.tokens["cam1"] not in result.stdout
+
+
+def test_a_certificate_near_its_end_is_a_warning_with_how_to_renew_it(tmp_path: Path) -> None:
+    soon = init_certs(tmp_path, ["localhost"], days=10)
+    report = Report()
+    check_certificate(report, soon.receiver_cert, "AVD_TLS_CERT")
+    check_certificate(report, soon.ca_cert, "AVD_TLS_CA")  # ten years: fine
+    assert report.exit_code == 2
+    (warning,) = [line for line in report.lines if "expires in" in line]
+    assert "AVD_TLS_CERT" in warning
+    assert "avd certs renew" in warning

@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from avd.logs import LogEvent
 from tests.conftest import metric, scrape, wait_until
@@ -371,3 +374,33 @@ def test_bad_setting_fails_once_without_a_restart_loop(
             assert any(fragment in m for m in messages), messages
     finally:
         write(c, path, good, 0o640)
+
+
+def served_certificate(setup: Installed) -> bytes:
+    """The DER certificate the running receiver presents, checked against the sender's CA."""
+    context = ssl.create_default_context(cafile=str(setup.container.host_path("/etc/avd/ca.crt")))
+    with (
+        socket.create_connection(("127.0.0.1", setup.video_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_renewed_certificates_keep_senders_trusting_the_receiver(services: Installed) -> None:
+    """The README's renewal: `avd certs renew` from the same CA, a receiver restart, and the
+    sender, which kept its ca.crt, streams again to the new certificate."""
+    c = services.container
+    c.systemctl("start", "avd-receiver", "avd-sender", timeout=60)
+    wait_streaming(services)
+    before = served_certificate(services)
+    ca_before = c.host_path("/etc/avd/ca.crt").read_bytes()
+    c.run(AVD, "certs", "renew", "--dir", "/etc/avd", "--days", "400")
+    assert c.host_path("/etc/avd/ca.crt").read_bytes() == ca_before
+    c.systemctl("restart", "avd-receiver", timeout=60)
+    wait_streaming(services)  # a new receiver's counters: these frames came after the restart
+    after = served_certificate(services)
+    renewed = x509.load_pem_x509_certificate(c.host_path("/etc/avd/receiver.crt").read_bytes())
+    assert after != before
+    assert after == renewed.public_bytes(serialization.Encoding.DER)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from avd.bench.plan import VGA
-from avd.certs import CertPaths, init_certs
+from avd.certs import SHORT_LIVED_DAYS, CertPaths, init_certs
 from avd.demo import console_script, scrape, total
 from avd.tokens import hash_token, new_token
 
@@ -128,7 +128,7 @@ class Workspace:
 
 
 def make_workspace(root: Path, load_senders: int) -> Workspace:
-    pki = init_certs(root / "certs", ["localhost", "127.0.0.1"], days=2)
+    pki = init_certs(root / "certs", ["localhost", "127.0.0.1"], days=SHORT_LIVED_DAYS)
     ids = ["bench-cam", "bench-tput", "bench-cpu"] + [f"load-{i}" for i in range(load_senders)]
     tokens = {sender_id: new_token() for sender_id in ids}
     path = root / "tokens"
