@@ -313,9 +313,11 @@ class Sender:
 
 
 def describe(settings: SenderSettings) -> str:
+    """The start line's summary: where to, and each source with its format (none: off)."""
     where = f"{settings.receiver_host}:{settings.video_port}/{settings.audio_port}"
-    return (
-        f"sender {settings.sender_id} -> {where}, video={settings.video_source} "
-        f"{settings.width}x{settings.height}@{settings.fps} q{settings.jpeg_quality}, "
-        f"audio={settings.audio_source} {settings.audio_rate} Hz"
-    )
+    video, audio = f"video={settings.video_source}", f"audio={settings.audio_source}"
+    if settings.video_source != "none":
+        video += f" {settings.width}x{settings.height}@{settings.fps} q{settings.jpeg_quality}"
+    if settings.audio_source != "none":
+        audio += f" {settings.audio_rate} Hz"
+    return f"sender {settings.sender_id} -> {where}, {video}, {audio}"

@@ -18,6 +18,7 @@ from avd.config import (
 )
 from avd.envdoc import render_example_env
 from avd.errors import ConfigError
+from avd.sender import describe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,3 +206,19 @@ def test_help_states_each_default_once_as_it_would_be_written(
     if cls is SenderSettings:
         (server_name,) = [line for line in lines if "AVD_TLS_SERVER_NAME" in line]
         assert server_name.endswith("(default: AVD_RECEIVER_HOST)")
+
+
+def test_the_start_line_gives_a_format_only_to_sources_that_are_on(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    clean_env.setenv("AVD_RECEIVER_HOST", "receiver.example")
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    clean_env.setenv("AVD_SENDER_ID", "cam1")
+    clean_env.setenv("AVD_VIDEO_SOURCE", "test")
+    clean_env.setenv("AVD_AUDIO_SOURCE", "none")
+    assert describe(load_settings(SenderSettings)) == (
+        "sender cam1 -> receiver.example:5000/5001, video=test 640x480@20 q70, audio=none"
+    )
+    clean_env.setenv("AVD_VIDEO_SOURCE", "none")
+    clean_env.setenv("AVD_AUDIO_SOURCE", "test")
+    assert describe(load_settings(SenderSettings)).endswith("video=none, audio=test 44100 Hz")
