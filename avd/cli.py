@@ -208,14 +208,20 @@ async def run_receiver(settings: ReceiverSettings) -> int:
     speaker = build_speaker(settings)
     # The live output first: the recorder's hand-off is not on the path to the ear.
     sink = FanoutSink([s for s in (speaker, recorder) if s is not None])
-    receiver = Receiver(settings, sink, metrics, acks_after_recording=recorder is not None)
-    receivers.append(receiver)
-    if recorder is not None:
-        metrics.registry.register(RecorderCollector(recorder.stats))
-    install_signal_handlers(stop, on_reload=receiver.reload_tokens)
+    try:
+        receiver = Receiver(settings, sink, metrics, acks_after_recording=recorder is not None)
+        receivers.append(receiver)
+        if recorder is not None:
+            metrics.registry.register(RecorderCollector(recorder.stats))
+        install_signal_handlers(stop, on_reload=receiver.reload_tokens)
+        listening = await receiver.start()
+        stop_metrics, metrics_where = _serve_metrics(settings, metrics.registry)
+    except BaseException:
+        # A start that failed (a setting, a port in use): the recording process, already
+        # running, is told to stop rather than left to find its parent gone.
+        await asyncio.to_thread(sink.close)
+        raise
     notifier = Notifier.from_env()
-    listening = await receiver.start()
-    stop_metrics, metrics_where = _serve_metrics(settings, metrics.registry)
     log_event(
         log,
         logging.INFO,

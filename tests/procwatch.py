@@ -1,4 +1,5 @@
-"""What a process holds, read from /proc: resident memory and open file descriptors.
+"""What a process holds, read from /proc: resident memory and open file descriptors; and
+which processes are still running (a daemon's recording process may outlive it a moment).
 
 The hostile-clients tests watch the receiver daemon with these: after each attack its
 descriptors must come back to normal and its memory stay bounded.
@@ -35,3 +36,18 @@ def fd_kinds(pid: int) -> Counter[str]:
             continue
         kinds[target.split(":", 1)[0] if ":" in target else "file"] += 1
     return kinds
+
+
+def pids_with_argument(fragment: str) -> list[int]:
+    """Processes whose command line has an argument containing ``fragment``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if any(fragment.encode() in arg for arg in argv):
+            found.append(int(entry.name))
+    return found

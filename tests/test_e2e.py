@@ -33,6 +33,7 @@ from .conftest import (
     sender_metrics_url,
     wait_until,
 )
+from .procwatch import pids_with_argument
 
 pytestmark = pytest.mark.slow
 
@@ -295,14 +296,20 @@ def test_a_port_in_use_exits_1_naming_the_variable(
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        env = receiver_env(pki, creds.tokens_file, AVD_AUDIO_PORT=str(port))
+        env = receiver_env(
+            pki, creds.tokens_file, AVD_AUDIO_PORT=str(port), AVD_RECORD_DIR=str(tmp_path / "rec")
+        )
         daemon = Daemon("receiver", env, tmp_path / "daemon.log")
         assert daemon.proc.wait(20) == 1  # not 78: restartable, the port may be freed
     daemon.stop()
+    # The recording process may outlive the daemon by a moment: what it says counts too.
+    wait_until(lambda: not pids_with_argument(str(tmp_path / "rec")), timeout=10)
     output = daemon.log_text()
     assert f"AVD_BIND=127.0.0.1 AVD_AUDIO_PORT={port}" in output
     assert "Address already in use" in output
     assert "Traceback" not in output
+    # Its recording process, started first, was stopped: the one line is the only line.
+    assert len(output.strip().splitlines()) == 1, output
 
 
 def test_hello_for_the_wrong_port_is_refused(
