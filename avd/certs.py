@@ -107,8 +107,8 @@ def init_certs(
 
     825 days is the longest validity the CA/Browser Forum allowed for a server certificate;
     clients that enforce such limits accept it. The CA lasts CA_DAYS (or ``days``, if
-    longer): ``renew_certs`` issues new leaves from it. Raises CertsExistError naming the files that
-    exist unless ``force``, and ConfigError for an unusable host name.
+    longer): ``renew_certs`` issues new leaves from it. Raises CertsExistError naming the
+    files that exist unless ``force``, and ConfigError for an unusable host name.
     """
     if days < 1:
         raise ConfigError(f"certificate validity must be at least 1 day, got {days}")

@@ -134,6 +134,7 @@ def build_recorder(
         return None
     from avd.media.naming import prepare_record_dir  # noqa: PLC0415
     from avd.media.recorder_process import RecorderConfig, RecorderProcess  # noqa: PLC0415
+    from avd.media.retention import RetentionPolicy  # noqa: PLC0415
 
     try:
         prepare_record_dir(settings.record_dir)
@@ -142,8 +143,6 @@ def build_recorder(
             f"AVD_RECORD_DIR: cannot record to {settings.record_dir}: {exc.strerror or exc}"
             + (_UNDER_SYSTEMD_WRITABLE if _systemd_made_it_read_only(exc) else "")
         ) from None
-    from avd.media.retention import RetentionPolicy  # noqa: PLC0415
-
     gb = 1024**3
     policy = RetentionPolicy(
         max_age_days=settings.retention_days,
