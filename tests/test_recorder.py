@@ -35,6 +35,7 @@ from avd.media.base import (
     StreamKind,
     VideoFormat,
 )
+from avd.media.done import RecorderStats
 from avd.media.recorder import FrameDone, Recorder
 from avd.media.retention import RetentionPolicy
 from avd.media.segment import ClosedSegment
@@ -46,6 +47,12 @@ CHUNK_US = 1024 * 1_000_000 // 44100
 BASE_US = 9_000_000_000
 NAME = re.compile(r"\d{8}T\d{6}(\.\d{3})?Z(-\d+)?\.mkv")
 NO_RETENTION = RetentionPolicy()
+
+
+def counted(recorder: Recorder, sender_id: str = "cam1") -> RecorderStats:
+    """A sender's counters, zero until the writer thread has seen its first stream (waiting
+    on ``stats()["cam1"]`` would raise KeyError if the writer is a moment late)."""
+    return recorder.stats().get(sender_id, RecorderStats())
 
 
 def jpeg(n: int, noise: bool = False) -> bytes:
@@ -161,7 +168,7 @@ def test_a_stream_starting_mid_segment_opens_a_segment_that_includes_it(tmp_path
     recorder.stream_started(info(StreamKind.VIDEO))
     for i in range(30):  # 1.5 s of video alone: more than the grace, so video-only opens
         recorder.frame(info(StreamKind.VIDEO), received(i, BASE_US + i * 50_000, jpeg(i)))
-    wait_until(lambda: recorder.stats()["cam1"].video_frames == 30)
+    wait_until(lambda: counted(recorder).video_frames == 30)
     first = recorder.current_segment("cam1")
     recorder.stream_started(info(StreamKind.AUDIO))
     for i in range(30, 40):
@@ -222,10 +229,7 @@ def test_a_full_queue_drops_and_counts_without_blocking(
     recorder.frame(info(StreamKind.VIDEO), received(0, BASE_US, jpeg(0)))
     recorder.stream_ended(info(StreamKind.VIDEO))  # closing the segment stalls the writer
     wait_until(
-        lambda: (
-            recorder.stats()["cam1"].segments_opened == 1
-            and recorder.current_segment("cam1") is None
-        )
+        lambda: counted(recorder).segments_opened == 1 and recorder.current_segment("cam1") is None
     )
     second = info(StreamKind.VIDEO, session=2)
     frames = [received(i, BASE_US + i * 50_000, jpeg(i)) for i in range(1, 11)]
@@ -277,7 +281,7 @@ def test_on_done_reports_every_frame_once_from_the_writer_thread_in_batches(
         offer(StreamKind.AUDIO, received(i, BASE_US + i * 50_000, pcm(i)))
     for i in range(10, 20):  # duplicates
         offer(StreamKind.VIDEO, received(i, BASE_US + i * 50_000, jpeg(i), late=True))
-    wait_until(lambda: recorder.stats()["cam1"].video_frames == 40)
+    wait_until(lambda: counted(recorder).video_frames == 40)
     offer(StreamKind.VIDEO, received(40, BASE_US + 25_000, jpeg(40)))  # out of order
     recorder.stream_ended(info(StreamKind.VIDEO))
     recorder.stream_ended(info(StreamKind.AUDIO))  # the close blocks the writer
@@ -408,7 +412,8 @@ CRASH_WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from tests.test_recorder import AUDIO, BASE_US, CHUNK_US, info, jpeg, pcm, received
     from avd.media.base import StreamKind
-    from avd.media.recorder import FrameDone, Recorder
+    from avd.media.done import RecorderStats
+from avd.media.recorder import FrameDone, Recorder
     from avd.media.retention import RetentionPolicy
 
     recorder = Recorder(Path(sys.argv[1]), retention=RetentionPolicy())
