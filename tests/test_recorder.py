@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 
 from avd.clock import monotonic_us
+from avd.media import recorder as recorder_module
+from avd.media import recorder_process
 from avd.media.base import (
     AudioFormat,
     ReceivedFrame,
@@ -412,8 +414,7 @@ CRASH_WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from tests.test_recorder import AUDIO, BASE_US, CHUNK_US, info, jpeg, pcm, received
     from avd.media.base import StreamKind
-    from avd.media.done import RecorderStats
-from avd.media.recorder import FrameDone, Recorder
+    from avd.media.recorder import FrameDone, Recorder
     from avd.media.retention import RetentionPolicy
 
     recorder = Recorder(Path(sys.argv[1]), retention=RetentionPolicy())
@@ -521,29 +522,26 @@ def test_full_disk_pauses_once_and_resumes_by_itself(
         assert any(kind == "video" for kind, _, _ in demux(path)), f"{path} holds no frame"
 
 
-def test_the_writer_ticks_once_a_second_when_no_stream_is_open(tmp_path: Path) -> None:
-    """An idle receiver's recorder wakes rarely; an open stream gets its 100 ms ticks back."""
+def test_the_writer_waits_a_second_when_no_stream_is_open(tmp_path: Path) -> None:
+    """An idle receiver's recorder wakes once a second; an open stream gets its shorter ticks
+    back (just longer than the receiver's batches, which carry them)."""
+    tick, idle = recorder_module._TICK_SECONDS, recorder_module._IDLE_TICK_SECONDS
+    assert tick > recorder_process._FLUSH_DELAY_S
+    assert idle > tick  # else there would be nothing to test
     recorder = Recorder(tmp_path, retention=NO_RETENTION, interleave_grace=0.05)
-    ticks: list[float] = []
-    timed_work = recorder._tick
+    waits: list[float] = []
+    next_events = recorder._next_events
 
-    def counting_tick() -> None:
-        ticks.append(time.monotonic())
-        timed_work()
+    def noting_waits(wait_s: float) -> list[SinkEvent]:
+        waits.append(wait_s)
+        return next_events(min(wait_s, 0.05))  # the same choices, made quickly
 
-    recorder._tick = counting_tick  # type: ignore[method-assign]
+    recorder._next_events = noting_waits  # type: ignore[method-assign]
     try:
-        time.sleep(0.3)  # past the first quiet tick
-        ticks.clear()
-        time.sleep(2.0)
-        idle_ticks = len(ticks)
+        wait_until(lambda: waits[-3:] == [idle] * 3)  # quiet, no stream: a second at a time
         recorder.stream_started(info(StreamKind.VIDEO))
-        wait_until(lambda: len(ticks) > idle_ticks)  # the start is handled at once
-        ticks.clear()
-        time.sleep(1.0)
-        open_ticks = len(ticks)
+        wait_until(lambda: waits[-3:] == [tick] * 3)
         recorder.stream_ended(info(StreamKind.VIDEO))
+        wait_until(lambda: waits[-3:] == [idle] * 3)
     finally:
         recorder.close()
-    assert idle_ticks <= 3  # at 10 a second it would be 20
-    assert open_ticks >= 4

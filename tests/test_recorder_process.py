@@ -172,6 +172,28 @@ def test_a_steady_streams_own_frames_carry_its_batches_a_lone_frame_goes_on_the_
     assert recorded == 3
 
 
+def test_the_end_of_a_stream_goes_to_the_child_at_once_with_what_it_held(
+    tmp_path: Path,
+) -> None:
+    """The sender waits for the acknowledgement of its last frames before it goes: the end of
+    its stream does not wait half a second for the batch's timer."""
+
+    async def run() -> tuple[int, int, int]:
+        recorder = RecorderProcess(RecorderConfig(tmp_path))
+        recorder.stream_started(INFO)
+        recorder.frame(INFO, _frame(0, monotonic_us()))
+        held = recorder._pending_bytes
+        recorder.stream_ended(INFO)
+        after_end = recorder._pending_bytes  # sent in the same call, not on the timer
+        await asyncio.to_thread(recorder.close)
+        return held, after_end, len(_recorded_packets(tmp_path / "cam1"))
+
+    held, after_end, recorded = asyncio.run(run())
+    assert held > 0
+    assert after_end == 0
+    assert recorded == 1
+
+
 def test_frames_beyond_the_pending_limit_are_dropped_counted_and_reported(
     tmp_path: Path,
 ) -> None:
@@ -348,17 +370,18 @@ class _Streams:
         return {}
 
 
-def test_the_childs_inbox_waits_a_second_when_no_stream_is_open() -> None:
-    """Counters go out every 250 ms while streams are open; an idle child wakes once a second."""
+def test_the_childs_inbox_waits_longer_than_a_batch_takes_to_come() -> None:
+    """A steady stream's batches wake the child, not a timeout between two of them; counters
+    go out with the batches, or after a quiet second."""
     from avd.media import recorder_child  # noqa: PLC0415
 
-    short, idle = recorder_child._STATS_SECONDS, recorder_child._IDLE_SECONDS
-    assert idle >= 4 * short  # else there would be nothing to test
-    script = [None, None, wire.start(INFO), None, wire.end(INFO.session_id), None, None, b""]
+    wait = recorder_child._STATS_SECONDS
+    assert wait > recorder_process._FLUSH_DELAY_S
+    script = [None, wire.start(INFO), None, wire.end(INFO.session_id), b""]
     inbox, recorder = _ScriptedInbox(script), _Streams()
     recorder_child._serve(inbox, recorder, _NoReports())  # type: ignore[arg-type]
     assert recorder.events == ["start", "end"]
-    assert inbox.timeouts == [short, idle, idle, short, short, short, idle, idle]
+    assert inbox.timeouts == [wait]
 
 
 def _frame_message(seq: int, data: bytes) -> bytes:

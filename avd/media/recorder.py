@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 
 # How long a writer waits without events before it releases held frames and does its timed
 # work (also done after events, when due). Longer than the receiver's batch interval (at most
-# 150 ms, ``recorder_process._FLUSH_DELAY_S``), so that a steady stream's batches carry it:
+# 0.5 s, ``recorder_process._FLUSH_DELAY_S``), so that a steady stream's batches carry it:
 # at one 20 fps stream, 0.1 s here woke the writer twice per batch, 22 times a second.
-_TICK_SECONDS = 0.25
+_TICK_SECONDS = 0.6
 # With no stream open and a quiet tick behind it, the writer waits this long instead: a
 # receiver left alone for hours wakes once a second here, not ten times (timed work such as
 # retention or a backfill's last segment is then up to a second late; nothing is waiting).

@@ -4,10 +4,9 @@
 ``RecorderProcess`` with the two socket ends it passes. The main thread reads frames and
 stream events from the inbox and hands them to the ``Recorder``, a read's worth at a time
 (``Recorder.feed``), whose writer thread muxes;
-DONE batches (from the writer thread) and STATS (every ``_STATS_SECONDS``, when they
-changed; at most once a second while no stream is open) go back through the reports
-socket. SIGTERM and SIGINT are ignored: the child stops on STOP or when the inbox closes
-(the receiver died), after writing out what it holds.
+DONE batches (from the writer thread) and STATS (at most every ``_STATS_SECONDS``, when
+they changed) go back through the reports socket. SIGTERM and SIGINT are ignored: the child
+stops on STOP or when the inbox closes (the receiver died), after writing out what it holds.
 """
 
 from __future__ import annotations
@@ -34,10 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("avd.media.recorder")
 
 _READ_SIZE = 1024 * 1024
-_STATS_SECONDS = 0.25  # how often the child sends its counters (when they changed)
-# With no stream open and nothing received for a while, the inbox waits this long: an idle
-# receiver's child wakes once a second, not four times (counters change little then).
-_IDLE_SECONDS = 1.0
+# How often the child sends its counters (when they changed), and how long its inbox waits
+# for a batch: longer than the receiver's batch interval (0.5 s), so that a steady stream's
+# batches carry the counters and waiting for the next batch is not a wake-up of its own; an
+# idle receiver's child wakes once a second.
+_STATS_SECONDS = 1.0
 
 
 class _Reports:
@@ -76,9 +76,8 @@ def _serve(inbox: socket.socket, recorder: Recorder, reports: _Reports) -> None:
     """Feed the recorder until STOP or the parent's end of the socket closes."""
     streams: dict[int, StreamInfo] = {}
     reader = wire.MessageReader()
-    data: bytes | None = b"?"  # as if something had come: the first wait is a short one
+    inbox.settimeout(_STATS_SECONDS)
     while True:
-        inbox.settimeout(_STATS_SECONDS if streams or data is not None else _IDLE_SECONDS)
         try:
             data = inbox.recv(_READ_SIZE)
         except TimeoutError:

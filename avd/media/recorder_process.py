@@ -7,12 +7,13 @@ senders `avd bench` measured a p99 arrival latency of 96 ms and a writer too far
 record every frame. In a child process the recorder has an interpreter and a core to itself.
 
 Parent side, ``RecorderProcess`` (a ``MediaSink``, called on the event loop): each frame is
-packed (``avd.media.recorder_wire``) and queued; a flush 100 ms after the first of a batch,
-or once 1 MiB waits, hands the whole batch to the kernel with ``sendmsg`` (never blocking: a
-full socket resumes through ``add_writer``), so the child wakes once for many frames. Frames
-beyond ``max_pending_bytes`` are dropped and reported done, as the recorder does when its own
-queue is full. A reader thread takes the child's reports: DONE batches go to ``on_done`` (so
-acknowledgements still mean "in a file"), STATS snapshots answer ``stats()``.
+packed (``avd.media.recorder_wire``) and queued; a flush half a second after the first of a
+batch, once 1 MiB waits, or at the end of a stream, hands the whole batch to the kernel with
+``sendmsg`` (never blocking: a full socket resumes through ``add_writer``), so the child
+wakes once for many frames. Frames beyond ``max_pending_bytes`` are dropped and reported
+done, as the recorder does when its own queue is full. A reader thread takes the child's
+reports: DONE batches go to ``on_done`` (so acknowledgements still mean "in a file"), STATS
+snapshots answer ``stats()``.
 
 Failure: if the child exits while the receiver runs, the error is logged and ``on_failure``
 called; the daemon then stops with exit code 1 and systemd starts it again. Frames the child
@@ -60,13 +61,16 @@ _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the child (a hung NFS mount, 
 # A batch goes to the child with the first frame that comes _FLUSH_AGE_S or more after the
 # batch's first, or on a timer _FLUSH_DELAY_S after it if no such frame comes, or as soon as
 # _FLUSH_BYTES wait: the child then wakes once for many frames, not once per frame. Its
-# wake-ups, not its muxing, were most of the recording's CPU: at one 20 fps stream, 1.6-2.0 %
-# of a core with a 10 ms delay (a wake-up per frame in two processes and four threads),
-# 0.7-1.0 % with 100 ms. A steady stream's own frames carry its batches, so the timer (a
-# wake-up of the event loop of its own) fires only for a stream slower than 1/_FLUSH_AGE_S
-# or one that stopped. Recording is not the live path: 150 ms at most is no loss.
-_FLUSH_AGE_S = 0.075  # below two frame periods at 20 fps: clear of an arrival's jitter
-_FLUSH_DELAY_S = 0.15
+# wake-ups, not its muxing, are most of the recording's CPU at a few streams: at one 20 fps
+# stream, 1.6-2.0 % of a core with a 10 ms delay (a wake-up per frame in two processes and
+# four threads), 0.7-1.0 % with 100 ms; half a second took the receiver with its recording
+# process from 1.67 to 1.27 % of a core (docs/performance.md). A steady stream's own frames
+# carry its batches, so the timer (a wake-up of the event loop of its own) fires only for a
+# stream slower than 1/_FLUSH_AGE_S or one that stopped. Recording is not the live path:
+# frames reach the file (and are acknowledged, and latest.jpg shows them) within about half
+# a second; the sender holds them until then, so a crash meanwhile loses nothing.
+_FLUSH_AGE_S = 0.45  # below ten frame periods at 20 fps: clear of an arrival's jitter
+_FLUSH_DELAY_S = 0.5
 # With hundreds of senders a batch fills this in a few ms: it goes out at once, so the
 # pending bytes stay far below max_pending_bytes and the child is fed steadily.
 _FLUSH_BYTES = 1024 * 1024
@@ -184,9 +188,10 @@ class RecorderProcess:
             self._schedule_flush(now=full or due)
 
     def stream_ended(self, info: StreamInfo) -> None:
-        self._queue(wire.end(info.session_id))
+        # At once: the sender waits for the acknowledgement of its last frames before it goes.
+        self._queue(wire.end(info.session_id), now=True)
 
-    def _queue(self, message: bytes) -> None:
+    def _queue(self, message: bytes, *, now: bool = False) -> None:
         """Start and end are never dropped: they are small, and the child needs them."""
         with self._lock:
             if self._closing or self._broken:
@@ -194,8 +199,8 @@ class RecorderProcess:
             self._pending.append(message)
             self._pending_bytes += len(message)
             first = self._claim_flush()
-        if first:
-            self._schedule_flush()
+        if first or now:
+            self._schedule_flush(now=now)
 
     def _claim_flush(self) -> bool:
         """True for the first message since the last flush (lock held): one flush per batch,
