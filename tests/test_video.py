@@ -22,6 +22,7 @@ from avd.media.base import CapturedFrame, StreamKind, VideoFormat
 from avd.media.jpeg import jpeg_dimensions
 from avd.media.pacing import Pacer
 from avd.media.video import (
+    OPENCV_THREADS,
     CaptureSource,
     TestPatternScene,
     TestPatternSource,
@@ -599,3 +600,12 @@ def test_a_real_http_stream_is_lost_and_comes_back(caplog: pytest.LogCaptureFixt
         source.close()
         server.kill()
     assert [line.split(" ")[2] for line in state_lines(caplog)] == ["delivers", "lost", "is"]
+
+
+def test_a_video_source_leaves_opencv_one_thread() -> None:
+    """OpenCV's pool of a thread per core cost the sender more than it saved (see
+    OPENCV_THREADS): opening a source sets it, for the process."""
+    cv2.setNumThreads(cv2.getNumberOfCPUs())
+    source = open_video_source("test", VideoFormat(64, 48, 5, 50))
+    assert source is not None
+    assert cv2.getNumThreads() == OPENCV_THREADS == 1

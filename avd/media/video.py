@@ -32,6 +32,14 @@ from avd.errors import DeviceError
 from avd.media.base import CapturedFrame, MediaFormat, MediaSource, StreamKind, VideoFormat
 from avd.media.pacing import Pacer
 
+# OpenCV splits its larger operations (colour conversion, resizing, the test pattern's
+# drawing) over a pool of one thread per core. On a camera's frame each piece is a fraction
+# of a millisecond, and waking another core for it 20 times a second cost more than it
+# saved: the sender at 20 fps took 5.5 % of a core with the pool, 4.1 % with one thread
+# (the test pattern, four interleaved pairs; docs/performance.md). JPEG encoding and
+# decoding (libjpeg) use one thread either way: their rates do not change.
+OPENCV_THREADS = 1
+
 log = logging.getLogger("avd.media.video")
 
 Image = npt.NDArray[np.uint8]
@@ -482,9 +490,12 @@ def _file_rate(cap: VideoCaptureLike, fallback_fps: int) -> Fraction:
 
 
 def open_video_source(spec: str, fmt: VideoFormat, loop: bool = False) -> MediaSource | None:
-    """``"none"``: no video; ``"test"``: the test pattern; anything else: a capture source."""
+    """``"none"``: no video; ``"test"``: the test pattern; anything else: a capture source.
+
+    Also sets OpenCV's thread pool for this process to OPENCV_THREADS (see there)."""
     if spec == "none":
         return None
+    cv2.setNumThreads(OPENCV_THREADS)
     if spec == "test":
         return TestPatternSource(fmt)
     return CaptureSource(spec, fmt, loop)
