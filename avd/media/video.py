@@ -33,7 +33,7 @@ from avd.media.base import CapturedFrame, MediaFormat, MediaSource, StreamKind, 
 from avd.media.pacing import Pacer
 
 # OpenCV splits its larger operations (colour conversion, resizing, the test pattern's
-# drawing) over a pool of one thread per core. On a camera's frame each piece is a fraction
+# cv2.add of noise) over a pool of one thread per core. On a camera's frame each piece is a fraction
 # of a millisecond, and waking another core for it 20 times a second cost more than it
 # saved: the sender at 20 fps took 5.5 % of a core with the pool, 4.1 % with one thread
 # (the test pattern, four interleaved pairs; docs/performance.md). JPEG encoding and
