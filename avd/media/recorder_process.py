@@ -64,7 +64,7 @@ _CLOSE_TIMEOUT = 30.0  # seconds close() waits for the child (a hung NFS mount, 
 # wake-ups, not its muxing, are most of the recording's CPU at a few streams: at one 20 fps
 # stream, 1.6-2.0 % of a core with a 10 ms delay (a wake-up per frame in two processes and
 # four threads), 0.7-1.0 % with 100 ms; half a second took the receiver with its recording
-# process from 1.67 to 1.27 % of a core (docs/performance.md). A steady stream's own frames
+# process from 1.62 to 1.23 % of a core (docs/performance.md). A steady stream's own frames
 # carry its batches, so the timer (a wake-up of the event loop of its own) fires only for a
 # stream slower than 1/_FLUSH_AGE_S or one that stopped. Recording is not the live path:
 # frames reach the file (and are acknowledged, and latest.jpg shows them) within about half
