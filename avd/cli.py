@@ -328,12 +328,15 @@ def sender_main(argv: Sequence[str] | None = None) -> int:
 # ---- admin tool -------------------------------------------------------------------------
 
 
+def _hosts(text: str) -> list[str]:
+    """``--hosts a,b,...`` as a list, blanks dropped."""
+    return [h.strip() for h in text.split(",") if h.strip()]
+
+
 def _certs_init(args: argparse.Namespace) -> int:
     from avd.certs import default_hosts, format_init_report, init_certs  # noqa: PLC0415
 
-    hosts = (
-        [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else default_hosts()
-    )
+    hosts = _hosts(args.hosts) if args.hosts else default_hosts()
     try:
         paths = init_certs(Path(args.dir), hosts, days=args.days, force=args.force)
     except CertsExistError as exc:
@@ -346,7 +349,7 @@ def _certs_init(args: argparse.Namespace) -> int:
 def _certs_renew(args: argparse.Namespace) -> int:
     from avd.certs import CertPaths, renew_certs  # noqa: PLC0415
 
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    hosts = _hosts(args.hosts) if args.hosts else None
     ca_key = Path(args.ca_key) if args.ca_key else None
     end = renew_certs(Path(args.dir), hosts, days=args.days, ca_key=ca_key)
     paths = CertPaths.in_directory(Path(args.dir))
