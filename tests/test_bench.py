@@ -146,6 +146,34 @@ def test_probe_sink_decodes_each_jpeg_and_notes_the_times() -> None:
     assert 0 < took <= decoded - arrival
 
 
+_REFAULTS = """
+import resource, sys
+import numpy as np
+from avd.bench.probe import keep_freed_memory
+kept = sys.argv[1] == "keep" and keep_freed_memory()
+def churn():  # 10 MB in 100 KB blocks (each under glibc's default 128 KiB mmap threshold)
+    blocks = [np.ones(100_000, np.uint8) for _ in range(100)]
+    del blocks  # freed at the heap's top: glibc trims it unless told to keep it
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_the_probe_keeps_freed_memory_so_its_decodes_do_not_fault_pages_in(mode: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True, check=True
+    ).stdout.split()
+    kept, faults = out[0] == "True", int(out[1])
+    # 10 MB freed and taken again: 2,441 pages to fault in if glibc gave them back.
+    if mode == "keep":
+        assert kept and faults < 300
+    else:
+        assert faults > 1500
+
+
 def test_probe_analysis_picks_the_windows_and_exact_percentiles() -> None:
     cam = [
         [c, c + 1000, c + 3000 + (i % 10) * 100, True, 900]
