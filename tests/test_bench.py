@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from avd.bench import scale
-from avd.bench.codec import bandwidth_rows, measure_codec
+from avd.bench.codec import Codec, bandwidth_rows, measure_codec
 from avd.bench.daemons import Child, make_workspace
 from avd.bench.phases import CpuFigures
 from avd.bench.plan import FULL, MIB, Plan
@@ -75,6 +76,12 @@ def test_quick_run_prints_the_table_then_exactly_the_keys_as_json(tmp_path: Path
     assert "What was measured" in table
     assert "TLS alone" in table
     assert "video 1280x720 30 fps q80" in table
+    # The codec was measured twice; the figures are the faster of each.
+    twice = re.search(r"encode (\d+) / (\d+) fps, decode (\d+) / (\d+) fps", table)
+    assert twice is not None, table
+    enc0, enc1, dec0, dec1 = (int(n) for n in twice.groups())
+    assert figures["encode_fps"] == pytest.approx(max(enc0, enc1), abs=1)
+    assert figures["decode_fps"] == pytest.approx(max(dec0, dec1), abs=1)
     # Each step deleted the recordings before it: only the last step's are left, one segment
     # for each of its senders, none of the phases before the ramp (bench-cpu's, for one).
     segments = list((tmp_path / "recordings").rglob("*.mkv"))
@@ -91,6 +98,18 @@ def test_codec_rates_are_positive_and_the_floor_is_their_per_frame_sum() -> None
     assert codec.floor_ms == pytest.approx(1000 / codec.encode_fps + 1000 / codec.decode_fps)
     assert 10_000 < codec.jpeg_bytes < 60_000  # a camera-like picture, not a flat one
     assert codec.paced_p50_ms == codec.paced_p99_ms == 0.0  # not asked for
+
+
+def test_the_floor_is_the_codec_at_its_fastest_of_two_measurements() -> None:
+    start = Codec(1000.0, 1600.0, 24_000.0, paced_p50_ms=1.5, paced_p99_ms=2.0)
+    again = Codec(1500.0, 1200.0, 23_000.0)
+    floor = start.fastest(again)
+    assert (floor.encode_fps, floor.decode_fps) == (1500.0, 1600.0)
+    assert floor.floor_ms == pytest.approx(1000 / 1500 + 1000 / 1600)
+    assert floor.floor_ms < min(start.floor_ms, again.floor_ms)
+    # The paced timings and the frame size are the first measurement's.
+    assert (floor.paced_p50_ms, floor.paced_p99_ms, floor.jpeg_bytes) == (1.5, 2.0, 24_000.0)
+    assert again.fastest(start).floor_ms == floor.floor_ms
 
 
 def test_the_paced_codec_times_one_encode_and_decode_per_frame() -> None:

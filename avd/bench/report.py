@@ -70,7 +70,9 @@ ROWS = (  # key, label, format of the value with its unit
 NOTES = """\
 What was measured:
   JPEG         cv2 encode and decode of the sender's camera-like test pattern, in this process
-               (median of 3 runs); floor = one encode + one decode, per frame, in a tight loop.
+               (median of 3 runs), at the start and again after the throughput run:
+               encode {enc0:.0f} / {enc1:.0f} fps, decode {dec0:.0f} / {dec1:.0f} fps, the faster of
+               each kept. floor = one encode + one decode, per frame, in a tight loop.
                The same pair once every 50 ms, as a 20 fps stream runs them, takes p50
                {paced50:.2f} ms and p99 {paced99:.2f} ms: the codec alone, before any transport.
   TLS alone    a {tls_bytes}-byte message (a frame with its head) from one process to another
@@ -152,6 +154,10 @@ def render(o: Outcome, plan: Plan, seconds: float) -> str:
         paced50=p.get("paced_codec_p50_ms", 0.0), paced99=p.get("paced_codec_p99_ms", 0.0),
         tls50=tls50, tls99=tls99, tls_bytes=int(p.get("tls_alone_bytes", 0)),
         floors50=floors50, floors99=p.get("paced_codec_p99_ms", 0.0) + tls99,
+        enc0=p.get("codec_start_encode_fps", o.figures["encode_fps"]),
+        dec0=p.get("codec_start_decode_fps", o.figures["decode_fps"]),
+        enc1=p.get("codec_again_encode_fps", o.figures["encode_fps"]),
+        dec1=p.get("codec_again_decode_fps", o.figures["decode_fps"]),
     )]  # fmt: skip
     lines += ["", _steps_table(o.steps), "", _bandwidth_table(o.bandwidth)]
     return "\n".join(lines)
