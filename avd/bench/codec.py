@@ -60,12 +60,13 @@ def _rate(work: Any, count: int, rounds: int = 3) -> float:
 
 def _paced(images: list[Any], count: int, period_s: float) -> list[float]:
     """ms of one encode plus one decode, once per ``period_s``."""
-    shown = None  # kept until replaced, as ProbeSink does (see there why)
+    shown = None  # shown until the next replaces it, as ProbeSink does (see there why)
     times = []
     for i in range(count):
         time.sleep(period_s)
         started = time.perf_counter()
         jpeg = encode_jpeg(images[i % len(images)], VGA.quality)
+        shown = None
         shown = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         times.append((time.perf_counter() - started) * 1000)
     del shown
