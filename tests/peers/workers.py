@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from avd.bench.plan import VGA
+from avd.bench.probe import keep_freed_memory
 from avd.clock import monotonic_us
 from avd.media.pacing import Pacer
 from avd.media.video import TestPatternScene, camera_like_images, encode_jpeg
@@ -68,12 +69,13 @@ def imagezmq_receive(port: int, rows_path: Path) -> None:
     hub = imagezmq.ImageHub(open_port=f"tcp://127.0.0.1:{port}")
     print("ready", flush=True)
     rows: Rows = []
-    shown = None  # kept until the next frame replaces it, as avd's probe does
+    shown = None  # shown until the next frame replaces it, as avd's probe does
     while True:
         name, jpeg = hub.recv_jpg()
         hub.send_reply(b"OK")
         if name == END:
             break
+        shown = None  # let go just before the next decode, as avd's probe does
         shown = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         rows.append((int(name), monotonic_us()))
     del shown
@@ -162,6 +164,7 @@ def main(argv: Sequence[str]) -> int:
     if args.role == "receive":
         if args.rows is None:
             parser.error("receive needs --rows")
+        keep_freed_memory()  # the allocator as in avd's probe receiver, so the decodes compare
         RECEIVERS[args.peer](args.port, args.rows)
     else:
         SENDERS[args.peer](args.port, args.fps, args.seconds)
