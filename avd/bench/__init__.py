@@ -4,8 +4,9 @@ Everything runs on localhost through the daemons' own code: TLS 1.3, token authe
 recording on. Each figure says what it measured (``NOTES``); the table puts it next to its
 target, computed from the same run where the target is a ratio (the JPEG floor):
 
-- JPEG encode/decode of the sender's camera-like test pattern (640x480 q70) in this process;
-  their per-frame sum is the floor no live frame can beat.
+- JPEG encode/decode of the sender's camera-like test pattern (640x480 q70) in this process,
+  timed at the start and again after the throughput run, the faster of each kept; their
+  per-frame sum is the floor no live frame can beat.
 - The bare TLS transport: a frame-sized message between two processes every 50 ms, no avd
   code on the way; with the codec at 20 fps, the floors of the latency.
 - Latency and throughput: the real ``avd-sender`` (test sources) and an in-process
