@@ -273,8 +273,8 @@ class Receiver:
                 # No TLS state (hundreds of KiB of buffers) until the peer has sent something:
                 # an idle flood then costs a socket each, not a TLS session each.
                 await until_readable(sock)
-                reader, writer = await start_tls_streams(
-                    sock, self.ssl_context, handshake_timeout_s=timeout + 1, limit=2**20
+                _, writer = await start_tls_streams(
+                    sock, self.ssl_context, handshake_timeout_s=timeout + 1, limit=2**20, push=True
                 )
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
             sock.close()
@@ -291,7 +291,6 @@ class Receiver:
             version, cipher = describe_tls(writer.get_extra_info("ssl_object"))
             session = Session(
                 self.ctx,
-                reader,
                 writer,
                 peer=peer,
                 port_kind=kind,

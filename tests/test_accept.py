@@ -80,6 +80,73 @@ def test_tls_starts_on_an_accepted_socket_without_losing_the_client_hello(
     on(loop, main)
 
 
+class _Collector:
+    """A consumer that notes what a PushProtocol hands it, in order."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.ended: list[Exception | None] = []
+        self.done = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        assert not self.ended, "bytes after the end"
+        self.chunks.append(data)
+
+    def connection_ended(self, exc: Exception | None) -> None:
+        self.ended.append(exc)
+        self.done.set()
+
+
+def _tls_send_and_close(port: int, context: ssl.SSLContext, payload: bytes) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(payload)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("attach_after", ["bytes", "end"])
+def test_a_push_protocol_hands_every_byte_then_the_end_to_its_consumer(
+    loop: EventLoopName, pki: CertPaths, attach_after: str
+) -> None:
+    """Bytes that came before the consumer was attached (here all of them, and the end
+    too when it is attached late) come first, in order; nothing after the end; the end
+    once. The protocol lets go of its consumer at the end."""
+    server_context = receiver_context(cert=pki.receiver_cert, key=pki.receiver_key)
+    payload = bytes(range(256)) * 400  # 100 KiB: several TLS records and reads
+
+    async def main() -> None:
+        (listener,) = await accept.open_listeners("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        accepted: asyncio.Queue[socket.socket] = asyncio.Queue()
+        acceptor = accept.Acceptor(listener, lambda sock, _: accepted.put_nowait(sock))
+        client = asyncio.create_task(
+            asyncio.to_thread(_tls_send_and_close, port, _client_context(pki), payload)
+        )
+        sock = await accepted.get()
+        await accept.until_readable(sock)
+        reader, writer = await accept.start_tls_streams(
+            sock, server_context, handshake_timeout_s=5, limit=1 << 16, push=True
+        )
+        push = writer.transport.get_protocol()
+        assert isinstance(push, accept.PushProtocol)
+        await client
+        collector = _Collector()
+        if attach_after == "end":
+            await asyncio.sleep(0.3)  # the client has closed: the end is in too
+        push.attach(collector)
+        await asyncio.wait_for(collector.done.wait(), 10)
+        assert b"".join(collector.chunks) == payload
+        assert collector.ended == [None]
+        assert push._consumer is None  # no cycle through the session
+        assert reader.at_eof(), "a pushed stream's reader is left empty"
+        writer.close()
+        acceptor.close()
+
+    on(loop, main)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_until_readable_waits_for_the_first_bytes_and_reads_none(loop: EventLoopName) -> None:
     async def main() -> None:
