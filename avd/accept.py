@@ -190,27 +190,19 @@ class PushProtocol(asyncio.StreamReaderProtocol):
             self._end_error = exc
 
 
-async def start_tls_streams(
-    sock: socket.socket,
-    context: ssl.SSLContext,
-    *,
-    handshake_timeout_s: float,
-    limit: int,
-    push: bool = False,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The server side of a TLS handshake on an accepted socket, as a reader and a writer.
+async def start_tls(
+    sock: socket.socket, context: ssl.SSLContext, *, handshake_timeout_s: float
+) -> tuple[asyncio.StreamWriter, PushProtocol]:
+    """The server side of a TLS handshake on an accepted socket: a writer, and the protocol
+    whose incoming bytes go to the consumer attached to it (they are held until then).
 
-    With ``push``, the writer's protocol is a ``PushProtocol``: the reader stays empty, and
-    the bytes go to the consumer attached to it. The socket belongs to the transport once
-    this returns; if it raises, the caller still owns it and closes it (harmless if the
-    transport already did).
+    The socket belongs to the transport once this returns; if it raises, the caller still
+    owns it and closes it (harmless if the transport already did).
     """
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = (
-        PushProtocol(reader, loop) if push else asyncio.StreamReaderProtocol(reader, loop=loop)
-    )
+    reader = asyncio.StreamReader(loop=loop)  # asyncio's writer wants one; it stays empty
+    protocol = PushProtocol(reader, loop)
     transport, _ = await loop.connect_accepted_socket(
         lambda: protocol, sock, ssl=context, ssl_handshake_timeout=handshake_timeout_s
     )
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    return asyncio.StreamWriter(transport, protocol, reader, loop), protocol

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from avd import protocol
-from avd.accept import Acceptor, open_listeners, start_tls_streams, until_readable
+from avd.accept import Acceptor, open_listeners, start_tls, until_readable
 from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
 from avd.config import ReceiverSettings
@@ -273,8 +273,8 @@ class Receiver:
                 # No TLS state (hundreds of KiB of buffers) until the peer has sent something:
                 # an idle flood then costs a socket each, not a TLS session each.
                 await until_readable(sock)
-                _, writer = await start_tls_streams(
-                    sock, self.ssl_context, handshake_timeout_s=timeout + 1, limit=2**20, push=True
+                writer, incoming = await start_tls(
+                    sock, self.ssl_context, handshake_timeout_s=timeout + 1
                 )
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
             sock.close()
@@ -292,6 +292,7 @@ class Receiver:
             session = Session(
                 self.ctx,
                 writer,
+                incoming,
                 peer=peer,
                 port_kind=kind,
                 ip=ip,

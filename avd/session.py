@@ -42,7 +42,6 @@ from avd.tokens import TokenStore
 
 log = logging.getLogger("avd.receiver")
 
-READ_SIZE = 256 * 1024
 # Acks are batched: one per ACK_DELAY_S at most, whatever the frame rate.
 ACK_DELAY_S = 0.1
 # After a sender's goodbye, how long its last frames may take to be recorded and acked.
@@ -152,11 +151,16 @@ class _Incoming:
         self._arrived = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
-        if self.finished:
-            return
+        if not self.finished:
+            self._take(data)
+
+    def _take(self, data: bytes | None) -> None:
+        """``data`` (None: nothing new) into the protocol, and the events to the handler."""
         try:
-            self.conn.receive_data(data)
-            self._handle()
+            if data is not None:
+                self.conn.receive_data(data)
+            if self.handler is not None and self.handler():
+                self.finished = True
         except Exception as exc:  # the peer broke the protocol (or a bug): the task raises it
             self._error, self.finished = exc, True
         if self.handler is None or self.finished:
@@ -174,16 +178,7 @@ class _Incoming:
         """From now on ``handler`` takes the events: first those already received."""
         self.handler = handler
         if self._error is None:
-            try:
-                self._handle()
-            except Exception as exc:
-                self._error, self.finished = exc, True
-        if self.finished:
-            self._arrived.set()
-
-    def _handle(self) -> None:
-        if self.handler is not None and self.handler():
-            self.finished = True
+            self._take(None)
 
     def stop(self) -> None:
         """Take nothing more, and wake the task: the session is closing."""
@@ -210,6 +205,7 @@ class Session:
         self,
         ctx: SessionContext,
         writer: asyncio.StreamWriter,
+        incoming: PushProtocol,
         *,
         peer: str,
         port_kind: StreamKind,
@@ -218,17 +214,14 @@ class Session:
         tls_cipher: str,
     ) -> None:
         self.ctx = ctx
-        self.writer = writer  # its transport's protocol is a PushProtocol: reads come to us
+        self.writer = writer
         self.peer, self.port_kind, self.ip = peer, port_kind, ip
         self.tls_version, self.tls_cipher = tls_version, tls_cipher
         self.session_id = next(_session_ids)
         self.conn = protocol.Connection(Role.RECEIVER, ctx.limits)
         self._incoming = _Incoming(self.conn)
         self._final_event: protocol.Goodbye | protocol.ConnectionClosed | None = None
-        push = writer.transport.get_protocol()
-        if not isinstance(push, PushProtocol):
-            raise TypeError("a session reads through a PushProtocol (start_tls_streams(push=True))")
-        push.attach(self._incoming)
+        incoming.attach(self._incoming)
         self.counters = Counters()
         self.clock = ClockSync()
         self.info: StreamInfo | None = None
@@ -426,6 +419,8 @@ class Session:
     async def _read_loop(self) -> CloseReason:
         """Frames are handled as they arrive (``_handle_events``, in the transport's
         callback); this waits for the end: a goodbye, the peer gone, an error, close()."""
+        if (closed := self._closed_by_us()) is not None:  # closed while it said hello
+            return closed
         self._incoming.start_streaming(self._handle_events)
         try:
             while await self._incoming.wait():
@@ -433,12 +428,16 @@ class Session:
         finally:
             self._incoming.handler = None  # a bound method of ours: no cycle through it
         event, self._final_event = self._final_event, None
-        if self._close_reason is not None:
-            return self._close_reason
+        if (closed := self._closed_by_us()) is not None:
+            return closed
         if isinstance(event, protocol.Goodbye):
             await self._answer_goodbye()
             return GOODBYE_TO_CLOSE.get(int(event.reason), CloseReason.BYE)
         return CloseReason.PEER_CLOSED
+
+    def _closed_by_us(self) -> CloseReason | None:
+        """Why close() ended the session, if it did (a call: it changes across awaits)."""
+        return self._close_reason
 
     def _handle_events(self) -> bool:
         """Every event complete so far; True once the session ends (a goodbye, the end)."""
