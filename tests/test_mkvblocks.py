@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections import Counter
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,3 +67,70 @@ def test_blocks_are_counted_per_track_from_simple_blocks_and_block_groups(
     assert dict(scanner.scan()) == {1: 2, 2: 2}
     path.write_bytes(whole)
     assert dict(scanner.scan()) == {200: 1}
+
+
+def mjpeg_like_file(path: Path, frames: int) -> None:
+    """A cluster per frame, each a timestamp and a BlockGroup: as FFmpeg writes MJPEG."""
+    header = element(0x1A45DFA3, element(0x4282, b"matroska"))
+    frame = element(0xA0, element(0xA1, block(1, 25_000)) + element(0x9B, b"\x32"))
+    body = b"".join(element(0x1F43B675, element(0xE7, bytes([n])) + frame) for n in range(frames))
+    path.write_bytes(header + b"\x18\x53\x80\x67" + vint(len(body), 8) + body)
+
+
+def test_a_frames_cluster_takes_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Five small reads a frame, one per element header, were five system calls a frame in
+    # the recording process; the headers lie within a few dozen bytes of one another.
+    path = tmp_path / "mjpeg.mkv"
+    mjpeg_like_file(path, 40)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    assert dict(ClusterScanner(path).scan()) == {1: 40}
+    assert len(reads) <= 40 + 2  # a read per cluster, and the file's own headers
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> list[list[tuple[bool, int, int]]]:
+    """Clusters of blocks: (in a BlockGroup, track, payload size), small and large."""
+    one = st.tuples(st.booleans(), st.integers(1, 300), st.sampled_from([0, 3, 700, 2048, 9000]))
+    return draw(st.lists(st.lists(one, min_size=1, max_size=6), min_size=1, max_size=8))
+
+
+@given(clusters(), st.floats(0, 1))
+def test_counts_match_the_file_cut_anywhere(
+    layout: list[list[tuple[bool, int, int]]], cut_at: float
+) -> None:
+    """Scanning a file cut anywhere, then whole, counts every block once, and the cut file's
+    scan only the blocks of its complete clusters."""
+    bodies: list[bytes] = []
+    ends: list[int] = []
+    header = element(0x1A45DFA3, element(0x4282, b"matroska"))
+    for n, blocks in enumerate(layout):
+        body = element(0xE7, bytes([n % 256]))
+        for grouped, track, size in blocks:
+            simple = element(0xA1 if grouped else 0xA3, block(track, size))
+            body += element(0xA0, simple + element(0x9B, b"\x01")) if grouped else simple
+        bodies.append(element(0x1F43B675, body))
+    segment_body = b"".join(bodies)
+    whole = header + b"\x18\x53\x80\x67" + vint(len(segment_body), 8) + segment_body
+    offset = len(whole) - len(segment_body)
+    for cluster in bodies:
+        offset += len(cluster)
+        ends.append(offset)
+    cut = int(len(whole) * cut_at)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cut.mkv"
+        path.write_bytes(whole[:cut])
+        scanner = ClusterScanner(path)
+        first = scanner.scan()
+        path.write_bytes(whole)
+        second = scanner.scan()
+    complete = sum(1 for end in ends if end <= cut)
+    expected_first: Counter[int] = Counter(t for c in layout[:complete] for _, t, _ in c)
+    assert first == expected_first
+    assert first + second == Counter(t for c in layout for _, t, _ in c)

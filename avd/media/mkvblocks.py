@@ -31,6 +31,10 @@ _BLOCK_GROUP = 0xA0
 _BLOCK = 0xA1
 _MAX_HEADER = 12  # a 4-byte ID and an 8-byte size
 _MAX_TRACK = 8  # a block's track number, the first field of its data
+# What one read takes in: a cluster's own headers (its timestamp, a BlockGroup, its Block
+# and track number) lie within a few dozen bytes, so one read serves them all, where a read
+# per header cost five system calls a frame (FFmpeg writes a cluster per MJPEG frame).
+_READ_AHEAD = 512
 
 
 def _vint(buf: bytes, pos: int, *, keep_marker: bool) -> tuple[int, int] | None:
@@ -62,14 +66,35 @@ def _header(buf: bytes, pos: int) -> tuple[int, int | None, int] | None:
     return ident[0], None if unknown else size[0], ident[1] + size[1]
 
 
-def _count_blocks(fd: int, start: int, end: int, tracks: Counter[int]) -> None:
+class _Reader:
+    """Reads a file at given offsets through a window of ``_READ_AHEAD`` bytes.
+
+    Made afresh for each scan: bytes read past the file's end (still being written) are
+    never served from an earlier scan.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._start = 0
+        self._window = b""
+
+    def read(self, pos: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``pos``; fewer at the end of the file."""
+        offset = pos - self._start
+        if offset < 0 or offset + size > len(self._window):
+            self._window = os.pread(self._fd, max(size, _READ_AHEAD), pos)
+            self._start, offset = pos, 0
+        return self._window[offset : offset + size]
+
+
+def _count_blocks(reader: _Reader, start: int, end: int, tracks: Counter[int]) -> None:
     """Count into ``tracks`` the blocks per track number among the elements of the file
     between ``start`` and ``end`` (a cluster's data, or a BlockGroup's): SimpleBlocks, and
     the Block of each BlockGroup. Only the element headers and the track numbers are read, a
     few dozen bytes per block, not the media."""
     pos = start
     while pos < end:
-        buf = os.pread(fd, _MAX_HEADER + _MAX_TRACK, pos)
+        buf = reader.read(pos, _MAX_HEADER + _MAX_TRACK)
         if (head := _header(buf, 0)) is None:
             return
         ident, size, header_len = head
@@ -82,7 +107,7 @@ def _count_blocks(fd: int, start: int, end: int, tracks: Counter[int]) -> None:
             if ident == _BLOCK:
                 return  # a BlockGroup holds one Block; the rest of it is not needed
         elif ident == _BLOCK_GROUP:
-            _count_blocks(fd, pos + header_len, pos + header_len + size, tracks)
+            _count_blocks(reader, pos + header_len, pos + header_len + size, tracks)
         pos += header_len + size
 
 
@@ -122,15 +147,15 @@ class ClusterScanner:
         if size == self._size_seen:
             return found
         self._size_seen = size
-        fd = self._file.fileno()
-        while self._offset + 2 <= size and self._step(fd, size, found):
+        reader = _Reader(self._file.fileno())
+        while self._offset + 2 <= size and self._step(reader, size, found):
             pass
         return found
 
-    def _step(self, fd: int, size: int, found: Counter[int]) -> bool:
+    def _step(self, reader: _Reader, size: int, found: Counter[int]) -> bool:
         """Read the top-level element at the offset, count its blocks into ``found`` if it is
         a cluster, and move past it; False to stop here."""
-        head = _header(os.pread(fd, _MAX_HEADER, self._offset), 0)
+        head = _header(reader.read(self._offset, _MAX_HEADER), 0)
         if head is None:
             return False
         ident, length, header_len = head
@@ -145,6 +170,6 @@ class ClusterScanner:
         if end > size:
             return False  # not complete yet
         if ident == _CLUSTER:
-            _count_blocks(fd, self._offset + header_len, end, found)
+            _count_blocks(reader, self._offset + header_len, end, found)
         self._offset = end
         return True
