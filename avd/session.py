@@ -167,10 +167,10 @@ class _Incoming:
             self._arrived.set()
 
     def connection_ended(self, exc: Exception | None) -> None:
-        if exc is not None and not self.finished:
-            self._error = exc
-        else:
+        if exc is None:
             self.data_received(b"")  # the peer's end: the protocol's ConnectionClosed
+        elif not self.finished:
+            self._error = exc
         self.finished = True
         self._arrived.set()
 
