@@ -209,10 +209,11 @@ def test_late_frames_join_the_live_segment_only_after_everything_in_it(tmp_path:
 
 @pytest.mark.parametrize("via", ["frame", "feed"])
 @pytest.mark.parametrize("bound", ["frames", "bytes"])
-def test_a_full_queue_drops_and_counts_without_blocking(
-    tmp_path: Path, bound: str, via: str
+def test_a_full_queue_drops_counts_and_logs_without_blocking(
+    tmp_path: Path, bound: str, via: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Frame by frame, or a read's worth at once through ``feed``: the bound is the same."""
+    caplog.set_level(logging.WARNING, "avd.media.recorder")
     release = threading.Event()
 
     def hold_writer(_: ClosedSegment) -> None:
@@ -243,8 +244,15 @@ def test_a_full_queue_drops_and_counts_without_blocking(
         events = [SinkEvent("frame", second, frame) for frame in frames]
         recorder.feed([SinkEvent("start", second), *events, SinkEvent("end", second)])
     assert recorder.stats()["cam1"].dropped == 7
+    (said,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert said.startswith("recorder: the writer is behind, its queue is full (")
+    assert ("MiB, AVD_RECORD_BUFFER_MB)" in said) is (bound == "bytes"), said
+    assert "(the first from cam1); is the disk slow" in said
     release.set()
     recorder.close()
+    (summary,) = [r.getMessage() for r in caplog.records if "caught up" in r.getMessage()]
+    assert summary.startswith("recorder: caught up; frames left out of the recordings: 7 over ")
+    assert summary.endswith(" s (cam1 7)")
     assert recorder.stats()["cam1"].video_frames == 4
     kept = [data for path in segments(tmp_path) for _, _, data in demux(path)]
     assert sorted(kept) == sorted(jpeg(i) for i in range(4)), "the first three were kept"

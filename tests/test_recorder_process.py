@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -194,9 +195,10 @@ def test_the_end_of_a_stream_goes_to_the_child_at_once_with_what_it_held(
     assert recorded == 1
 
 
-def test_frames_beyond_the_pending_limit_are_dropped_counted_and_reported(
-    tmp_path: Path,
+def test_frames_beyond_the_pending_limit_are_dropped_counted_reported_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, "avd.media.recorder")
     done = _Done()
 
     async def run() -> RecorderProcess:
@@ -217,6 +219,13 @@ def test_frames_beyond_the_pending_limit_are_dropped_counted_and_reported(
     assert stats.video_frames == 1
     assert stats.dropped == 9
     assert done.seqs == Counter(range(10))  # dropped ones are done too: acks must not stall
+    # Done, so no sender sends them again: the journal must say so, once, not per frame.
+    said = [r.getMessage() for r in caplog.records if r.name == "avd.media.recorder"]
+    assert len(said) == 2, said
+    assert said[0].startswith("recorder: the recording process is behind, ")
+    assert "(the first from cam1); " in said[0]
+    assert said[1].startswith("recorder: caught up; frames left out of the recordings: 9 over ")
+    assert said[1].endswith("(cam1 9)")
 
 
 def test_the_child_ignores_sigterm_and_stops_when_told(tmp_path: Path) -> None:

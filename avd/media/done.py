@@ -4,15 +4,23 @@
 batches of ``FrameDone``: (sender id, stream kind, seq). ``Overflow``
 keeps the frames the event loop had to drop on a full queue until the writer thread reports
 them, as runs of consecutive seqs: a full queue drops whole stretches, so a stalled writer
-costs a few runs per stream, not a tuple per frame.
+costs a few runs per stream, not a tuple per frame. ``LeftOut`` tells the log when a full
+queue starts leaving frames out of the recordings, and when that is over.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from avd.media.base import StreamKind
+
+# A full queue's incident is over once this long has passed without a frame left out: a
+# queue hovering at its limit (a frame in, a frame out) makes one incident, not hundreds.
+LEFT_OUT_QUIET_S = 10.0
+_NAMED_SENDERS = 5  # in the summary; the rest are counted
 
 FrameDone = tuple[str, StreamKind, int]  # (sender id, kind, seq)
 OnDone = Callable[[Sequence[FrameDone]], None]
@@ -40,6 +48,66 @@ class Overflow:
         ]
         self._runs.clear()
         return taken
+
+
+class LeftOut:
+    """Two log lines an incident of a full queue, however many frames it leaves out.
+
+    Frames a full queue drops are counted in the metrics and reported done, so that the
+    senders' acknowledgements go on (see ``Overflow``): they are not in any file and no
+    sender will send them again. An operator must read that in the journal too, not only in
+    a counter: when it starts (what is full, and what to look at) and when it is over (how
+    many frames, whose, over how long). Guarded by its owner's lock.
+    """
+
+    def __init__(
+        self,
+        why: str,
+        hint: str,
+        log: logging.Logger,
+        *,
+        quiet_s: float = LEFT_OUT_QUIET_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._why, self._hint = why, hint  # what is full; what the operator may look at
+        self._log, self._quiet_s, self._clock = log, quiet_s, clock
+        self._counts: dict[str, int] = {}
+        self._first = self._last = 0.0
+
+    def dropped(self, sender_id: str) -> None:
+        now = self._clock()
+        if not self._counts:
+            self._first = now
+            self._log.warning(
+                "recorder: %s: frames are left out of the recordings until it catches up "
+                "(the first from %s); %s",
+                self._why,
+                sender_id,
+                self._hint,
+            )
+        self._counts[sender_id] = self._counts.get(sender_id, 0) + 1
+        self._last = now
+
+    def admitted(self) -> None:
+        """A frame found room: the incident is over once none was left out for a while."""
+        if self._counts and self._clock() - self._last >= self._quiet_s:
+            self.finish()
+
+    def finish(self) -> None:
+        """Sum the incident up now, if there is one (and at shutdown)."""
+        if not self._counts:
+            return
+        ranked = sorted(self._counts.items(), key=lambda item: (-item[1], item[0]))
+        named = ", ".join(f"{sid} {count}" for sid, count in ranked[:_NAMED_SENDERS])
+        if len(ranked) > _NAMED_SENDERS:
+            named += f" and {len(ranked) - _NAMED_SENDERS} more senders"
+        self._log.warning(
+            "recorder: caught up; frames left out of the recordings: %d over %.1f s (%s)",
+            sum(self._counts.values()),
+            self._last - self._first,
+            named,
+        )
+        self._counts.clear()
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from avd.media.base import ReceivedFrame, SinkEvent, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings
-from avd.media.done import FrameDone, OnDone, Overflow, RecorderStats
+from avd.media.done import FrameDone, LeftOut, OnDone, Overflow, RecorderStats
 from avd.media.latest import LatestJpeg
 from avd.media.recording import RecordingSettings, SenderRecording
 from avd.media.retention import RetentionPolicy, enforce
@@ -115,6 +115,14 @@ class Recorder:
         self._queued_frames = 0
         self._dropped: dict[str, int] = {}
         self._overflow = Overflow()
+        limits = [f"{queue_frames} frames"] if queue_frames is not None else []
+        if queue_bytes is not None:
+            limits.append(f"{queue_bytes / (1024 * 1024):g} MiB, AVD_RECORD_BUFFER_MB")
+        self._left_out = LeftOut(
+            f"the writer is behind, its queue is full ({' or '.join(limits)})",
+            "is the disk slow, or the machine short of CPU for this many senders?",
+            log,
+        )
         self._closed = False
         self._senders: dict[str, SenderRecording] = {}
         self._open_streams: set[int] = set()  # session ids; the writer thread's only
@@ -153,7 +161,9 @@ class Recorder:
         ):
             self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
             self._overflow.add(info.sender_id, info.kind, frame.seq)
+            self._left_out.dropped(info.sender_id)
             return False
+        self._left_out.admitted()
         self._queued_frames += 1
         self._queued_bytes += size
         return True
@@ -171,6 +181,7 @@ class Recorder:
             if self._closed:
                 return
             self._closed = True
+            self._left_out.finish()
         self._queue.put(SinkEvent("stop"))
         self._thread.join(_CLOSE_TIMEOUT)
         if self._thread.is_alive():

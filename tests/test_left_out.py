@@ -1,0 +1,103 @@
+"""``LeftOut``: what the log says when a full recorder queue leaves frames out, and when not."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from avd.media.done import LEFT_OUT_QUIET_S, LeftOut
+
+LOGGER = "test.left_out"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> _Clock:
+    return _Clock()
+
+
+@pytest.fixture
+def left_out(clock: _Clock) -> LeftOut:
+    return LeftOut("the queue is full (8 MiB)", "look at X", logging.getLogger(LOGGER), clock=clock)
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+def test_an_incident_is_two_lines_however_many_frames(
+    left_out: LeftOut, clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+    for n in range(500):  # hovering at the limit: a frame in, a frame out, for 5 s
+        clock.now += 0.01
+        if n % 2:
+            left_out.dropped("kitchen" if n % 3 else "garage")
+        else:
+            left_out.admitted()
+    assert _lines(caplog) == [
+        "recorder: the queue is full (8 MiB): frames are left out of the recordings until it "
+        "catches up (the first from kitchen); look at X"
+    ]
+    clock.now += LEFT_OUT_QUIET_S - 0.001
+    left_out.admitted()
+    assert len(_lines(caplog)) == 1, "not over until a whole quiet interval has passed"
+    clock.now += 0.002
+    left_out.admitted()
+    assert _lines(caplog)[1] == (
+        "recorder: caught up; frames left out of the recordings: 250 over 5.0 s "
+        "(kitchen 167, garage 83)"
+    )
+    left_out.admitted()
+    left_out.finish()
+    assert len(_lines(caplog)) == 2, "said once"
+
+
+def test_the_next_incident_starts_afresh(
+    left_out: LeftOut, clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+    left_out.dropped("a")
+    clock.now += 60
+    left_out.admitted()
+    left_out.dropped("b")
+    left_out.finish()
+    assert _lines(caplog)[1:] == [
+        "recorder: caught up; frames left out of the recordings: 1 over 0.0 s (a 1)",
+        "recorder: the queue is full (8 MiB): frames are left out of the recordings until it "
+        "catches up (the first from b); look at X",
+        "recorder: caught up; frames left out of the recordings: 1 over 0.0 s (b 1)",
+    ]
+
+
+def test_the_summary_names_the_five_hardest_hit_then_counts_the_rest(
+    left_out: LeftOut, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+    for n in range(1, 9):
+        for _ in range(n):
+            left_out.dropped(f"cam{n}")
+    left_out.finish()
+    assert _lines(caplog)[-1].endswith(
+        "frames left out of the recordings: 36 over 0.0 s "
+        "(cam8 8, cam7 7, cam6 6, cam5 5, cam4 4 and 3 more senders)"
+    )
+
+
+def test_nothing_is_said_while_nothing_is_left_out(
+    left_out: LeftOut, clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, LOGGER)
+    for _ in range(100):
+        clock.now += 1
+        left_out.admitted()
+    left_out.finish()
+    assert _lines(caplog) == []
