@@ -80,7 +80,10 @@ def check_key(report: Report, path: Path | None, variable: str, what: str = "pri
         return
     problems = key_permission_problems(path, what)
     for problem in problems:
-        report.warn(f"{variable}: {problem}", f"chmod 600 {path}")
+        report.warn(
+            f"{variable}: {problem.text}",
+            problem.remedy or f"check that {variable} names a file this user can read",
+        )
     if not problems:
         report.ok(f"{variable}: {path} is private")
 
@@ -251,9 +254,13 @@ def _network_remedy(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="avd check", description=__doc__.splitlines()[0] if __doc__ else ""
+        prog="avd check",
+        description="Check a daemon's settings, its files and their permissions, its "
+        "certificates' expiry and, for a sender, that it reaches and authenticates with the "
+        "receiver. One line a check, each problem with its remedy. Exit status: 0 all is "
+        "well, 1 errors, 2 warnings only.",
     )
-    parser.add_argument("role", choices=["sender", "receiver"])
+    parser.add_argument("role", choices=["sender", "receiver"], help="which daemon's settings")
     parser.add_argument("--env-file", type=Path, help="read AVD_* settings from this file")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds for network steps (5)")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ssl
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from avd.errors import ConfigError
 
@@ -68,14 +69,22 @@ def describe_tls(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str,
     return (ssl_object.version() or "none", cipher[0] if cipher else "none")
 
 
-def key_permission_problems(path: Path, what: str = "private key") -> list[str]:
-    """One warning line per class of users (group, others) that may read or write a secret
-    file: a private key, or ``what`` it is (a sender's token)."""
+class FileProblem(NamedTuple):
+    text: str  # what is wrong, naming the file
+    remedy: str  # the command that mends it; empty when there is none to give
+
+    def __str__(self) -> str:
+        return f"{self.text}: run {self.remedy}" if self.remedy else self.text
+
+
+def key_permission_problems(path: Path, what: str = "private key") -> list[FileProblem]:
+    """What is wrong with who may read or write a secret file (a private key, or ``what`` it
+    is: a sender's token), in one line at most: every class of users at fault in it."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
-        return [f"cannot check the permissions of {path}: {exc.strerror or exc}"]
-    problems = []
+        return [FileProblem(f"cannot check the permissions of {path}: {exc.strerror or exc}", "")]
+    grants = []
     for who, read_bit, write_bit in (
         ("group", stat.S_IRGRP, stat.S_IWGRP),
         ("others", stat.S_IROTH, stat.S_IWOTH),
@@ -84,10 +93,14 @@ def key_permission_problems(path: Path, what: str = "private key") -> list[str]:
             verb for verb, bit in (("readable", read_bit), ("writable", write_bit)) if mode & bit
         )
         if access:
-            problems.append(
-                f"{what} {path} is {access} by {who} (mode {mode:04o}): run chmod 600 {path}"
-            )
-    return problems
+            grants.append((access, who))
+    if not grants:
+        return []
+    if len({access for access, _ in grants}) == 1:  # "readable by group and others"
+        said = f"{grants[0][0]} by {' and '.join(who for _, who in grants)}"
+    else:  # "readable by group, readable and writable by others"
+        said = ", ".join(f"{access} by {who}" for access, who in grants)
+    return [FileProblem(f"{what} {path} is {said} (mode {mode:04o})", f"chmod 600 {path}")]
 
 
 def _apply_policy(context: ssl.SSLContext, allow_tls12: bool) -> None:
