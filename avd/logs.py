@@ -48,20 +48,22 @@ _FORMATS = ("auto", "text", "json", "journal")
 
 
 class CloseReason(StrEnum):
-    """Why a connection ended, as written in the connection log's ``close_reason``."""
+    """Why a connection ended, as written in the connection log's ``close_reason``.
+
+    Only sessions that got past the TLS handshake are logged as closed: a connection refused
+    before it (a locked-out address, too many from one address) is counted in the metrics
+    and logged, rate-limited, as a refusal.
+    """
 
     BYE = "bye"
     PEER_CLOSED = "peer-closed"
     TIMEOUT = "timeout"
-    HEARTBEAT_TIMEOUT = "heartbeat-timeout"
     AUTH_FAILED = "auth-failed"
     PROTOCOL_ERROR = "protocol-error"
     TLS_ERROR = "tls-error"
     SHUTDOWN = "shutdown"
     REPLACED = "replaced"  # a reconnecting sender replaced this session
     TOKEN_REVOKED = "token-revoked"  # noqa: S105 (a reason, not a secret)
-    RATE_LIMITED = "rate-limited"
-    TOO_MANY_CONNECTIONS = "too-many-connections"
     ERROR = "error"
 
 
