@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from avd.errors import DeviceError
+from avd.logs import LogEvent, log_event
 from avd.media.base import CapturedFrame, MediaSource
 
 log = logging.getLogger("avd.capture")
@@ -35,6 +36,8 @@ class CaptureThread:
         self.opened = threading.Event()
         self.error: str | None = None
         label = source.kind.label
+        # In the journal: DEVICE=..., STREAM=... beside the MESSAGE_ID of each change of state.
+        self._fields = {"stream": label, "device": source.description}
         self._thread = threading.Thread(target=self._run, name=f"capture-{label}", daemon=True)
 
     def start(self) -> None:
@@ -53,12 +56,14 @@ class CaptureThread:
             except DeviceError as exc:
                 if self.error != str(exc):
                     self.error = str(exc)
-                    log.error("%s; retrying until it appears", exc)
+                    message = f"{exc}; retrying until it appears"
+                    log_event(log, logging.ERROR, LogEvent.DEVICE_LOST, message, **self._fields)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, OPEN_RETRY_MAX_S)
                 continue
             if self.error is not None:
-                log.info("%s is available again", self.source.description)
+                message = f"{self.source.description} is available again"
+                log_event(log, logging.INFO, LogEvent.DEVICE_BACK, message, **self._fields)
             self.error = None
             self.opened.set()
             return True
@@ -86,7 +91,9 @@ class CaptureThread:
         except DeviceError as exc:
             # An unplugged microphone: the network sessions stay up while we wait for it.
             self.error = str(exc)
-            log.warning("%s; reopening it", exc)
+            log_event(
+                log, logging.WARNING, LogEvent.DEVICE_LOST, f"{exc}; reopening it", **self._fields
+            )
             self.source.close()
             return True
         except Exception:

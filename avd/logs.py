@@ -82,6 +82,8 @@ class LogEvent(Enum):
     DEVICE_BACK = "0fdd306ffb2d42c5b1dcaa6db29d4cff"
     RECORDING_PAUSED = "13457fe0b54248bb871f10a2050848c0"
     RECORDING_RESUMED = "f1803efb3a504da18484e5366c87ab26"
+    FRAMES_LEFT_OUT = "b2a70f8152474ffab94f4d17336b8f38"  # a full recorder queue drops frames
+    FRAMES_LEFT_OUT_OVER = "4dfd362758634ef0bde1d05ca0f5c71d"  # and how many it dropped
 
     @property
     def message_id(self) -> str:

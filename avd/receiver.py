@@ -26,7 +26,7 @@ from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
 from avd.config import ReceiverSettings
 from avd.errors import ConfigError, ListenError
-from avd.logs import CloseReason, connection_closed
+from avd.logs import CloseReason, LogEvent, connection_closed, log_event
 from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import MediaSink, StreamKind
 from avd.metrics import ReceiverMetrics
@@ -159,7 +159,8 @@ class Receiver:
             return
         revoked = removed_or_changed(self._tokens, fresh)
         self._tokens = fresh
-        log.info("tokens reloaded: %d senders, %d revoked", len(fresh), len(revoked))
+        message = f"tokens reloaded: {len(fresh)} senders, {len(revoked)} revoked"
+        log_event(log, logging.INFO, LogEvent.CONFIG_RELOADED, message)
         for (sender_id, _), session in list(self.sessions.items()):
             if sender_id in revoked:
                 session.close(CloseReason.TOKEN_REVOKED)

@@ -10,6 +10,7 @@ import pytest
 
 from avd.capture import CaptureThread
 from avd.errors import DeviceError
+from avd.logs import LogEvent
 from avd.media.base import AudioFormat, CapturedFrame, MediaFormat, StreamKind
 
 
@@ -78,7 +79,10 @@ def test_a_device_that_cannot_be_opened_is_retried_and_logged_once(
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "microphone 'usb' cannot be opened" in errors[0].getMessage()
-    assert any("available again" in r.getMessage() for r in caplog.records)
+    assert getattr(errors[0], "avd_event", None) is LogEvent.DEVICE_LOST
+    (back,) = [r for r in caplog.records if "available again" in r.getMessage()]
+    assert getattr(back, "avd_event", None) is LogEvent.DEVICE_BACK
+    assert getattr(back, "avd_fields", None) == {"stream": "audio", "device": "scripted microphone"}
 
 
 def test_a_device_lost_while_reading_is_reopened_and_capture_resumes(
@@ -89,7 +93,8 @@ def test_a_device_lost_while_reading_is_reopened_and_capture_resumes(
     delivered, _ = _run(source, monkeypatch)
     assert delivered == [b"1", b"2", b"3"]
     assert source.open_calls == 3
-    assert any("device gone; reopening" in r.getMessage() for r in caplog.records)
+    (lost,) = [r for r in caplog.records if "device gone; reopening" in r.getMessage()]
+    assert getattr(lost, "avd_event", None) is LogEvent.DEVICE_LOST
 
 
 def test_stop_ends_a_source_that_never_opens(monkeypatch: pytest.MonkeyPatch) -> None:

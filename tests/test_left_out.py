@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from avd.logs import LogEvent
 from avd.media.done import LEFT_OUT_QUIET_S, LeftOut
 
 LOGGER = "test.left_out"
@@ -30,7 +31,12 @@ def left_out(clock: _Clock) -> LeftOut:
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    records = [r for r in caplog.records if r.name == LOGGER]
+    for record in records:  # each line carries its journal MESSAGE_ID
+        starts = record.getMessage().startswith("recorder: the queue is full")
+        event = LogEvent.FRAMES_LEFT_OUT if starts else LogEvent.FRAMES_LEFT_OUT_OVER
+        assert getattr(record, "avd_event", None) is event
+    return [r.getMessage() for r in records]
 
 
 def test_an_incident_is_two_lines_however_many_frames(

@@ -274,8 +274,29 @@ def test_bad_field_names_are_refused(name: str) -> None:
 def test_message_ids_are_fixed_unique_uuids() -> None:
     ids = [event.message_id for event in LogEvent]
     assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in ids)
-    assert len(set(ids)) == len(ids) == 12
+    assert len(set(ids)) == len(ids) == 14
     assert LogEvent.CONNECTION_OPENED.message_id == "afe6d1a3c3de4b96a82584c03d37a853"
+
+
+def test_the_readme_lists_every_message_id() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("| event | `MESSAGE_ID` |", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"\| `([0-9a-f]{32})` \|", table)
+    assert sorted(listed) == sorted(event.message_id for event in LogEvent)
+
+
+def test_every_event_is_logged_somewhere() -> None:
+    """An ID the code never sends is one an operator would wait for in vain."""
+    package = Path(__file__).resolve().parent.parent / "avd"
+    used = {
+        name
+        for path in package.rglob("*.py")
+        if path.name != "logs.py"
+        for name in re.findall(r"LogEvent\.([A-Z_]+)", path.read_text())
+    }
+    # The connection events go through their own helpers in avd.logs.
+    used |= {"CONNECTION_OPENED", "CONNECTION_CLOSED", "AUTH_FAILED"}
+    assert sorted(event.name for event in LogEvent if event.name not in used) == []
 
 
 def test_close_reasons_are_the_readmes() -> None:

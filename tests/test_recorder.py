@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from avd.clock import monotonic_us
+from avd.logs import LogEvent
 from avd.media import recorder as recorder_module
 from avd.media import recorder_process
 from avd.media.base import (
@@ -510,6 +511,7 @@ def test_full_disk_pauses_once_and_resumes_by_itself(
     assert "recording paused" in message
     assert "No space left on device" in message
     assert "live streaming continues" in message
+    assert getattr(errors[0], "avd_event", None) is LogEvent.RECORDING_PAUSED
 
     filler.unlink()  # room for about six frames: one at a time, so that none queue up
     deadline = time.monotonic() + 15
@@ -519,8 +521,10 @@ def test_full_disk_pauses_once_and_resumes_by_itself(
         wait_until(lambda: handled() == sent)
     send(3)
     recorder.close()
-    resumed = [r.getMessage() for r in caplog.records if "recording resumed" in r.getMessage()]
+    resumed = [r for r in caplog.records if "recording resumed" in r.getMessage()]
     assert len(resumed) == 1
+    assert getattr(resumed[0], "avd_event", None) is LogEvent.RECORDING_RESUMED
+    assert getattr(resumed[0], "avd_fields", None) == {"sender_id": "cam1"}
     assert recorder.stats()["cam1"].video_frames > paused.video_frames
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
     files = segments(record_dir)

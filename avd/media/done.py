@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from avd.logs import LogEvent, log_event
 from avd.media.base import StreamKind
 
 # A full queue's incident is over once this long has passed without a frame left out: a
@@ -78,13 +79,11 @@ class LeftOut:
         now = self._clock()
         if not self._counts:
             self._first = now
-            self._log.warning(
-                "recorder: %s: frames are left out of the recordings until it catches up "
-                "(the first from %s); %s",
-                self._why,
-                sender_id,
-                self._hint,
+            message = (
+                f"recorder: {self._why}: frames are left out of the recordings until it "
+                f"catches up (the first from {sender_id}); {self._hint}"
             )
+            log_event(self._log, logging.WARNING, LogEvent.FRAMES_LEFT_OUT, message)
         self._counts[sender_id] = self._counts.get(sender_id, 0) + 1
         self._last = now
 
@@ -101,12 +100,12 @@ class LeftOut:
         named = ", ".join(f"{sid} {count}" for sid, count in ranked[:_NAMED_SENDERS])
         if len(ranked) > _NAMED_SENDERS:
             named += f" and {len(ranked) - _NAMED_SENDERS} more senders"
-        self._log.warning(
-            "recorder: caught up; frames left out of the recordings: %d over %.1f s (%s)",
-            sum(self._counts.values()),
-            self._last - self._first,
-            named,
+        total = sum(self._counts.values())
+        message = (
+            "recorder: caught up; frames left out of the recordings: "
+            f"{total} over {self._last - self._first:.1f} s ({named})"
         )
+        log_event(self._log, logging.WARNING, LogEvent.FRAMES_LEFT_OUT_OVER, message, frames=total)
         self._counts.clear()
 
 

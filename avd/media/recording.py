@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from avd.logs import LogEvent, log_event
 from avd.media.base import ReceivedFrame, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings, Done, SegmentChain
 from avd.media.done import RecorderStats
@@ -219,13 +220,12 @@ class SenderRecording:
             return  # still failing: the pause was logged once already
         self._pause = _Pause(now + self._settings.retry_seconds, now, self._stats.not_recorded - 1)
         self._stats.paused = True
-        log.error(
-            "recording paused for %s: %s: %s; live streaming continues; retrying every %g s",
-            self.sender_id,
-            exc.filename or self._settings.chain.record_dir,
-            exc.strerror or exc,
-            self._settings.retry_seconds,
+        message = (
+            f"recording paused for {self.sender_id}: "
+            f"{exc.filename or self._settings.chain.record_dir}: {exc.strerror or exc}; "
+            f"live streaming continues; retrying every {self._settings.retry_seconds:g} s"
         )
+        log_event(log, logging.ERROR, LogEvent.RECORDING_PAUSED, message, sender_id=self.sender_id)
 
     def _refuse(self, exc: ValueError) -> None:
         if not self._refused_logged:
@@ -236,12 +236,11 @@ class SenderRecording:
         pause, self._pause = self._pause, None
         assert pause is not None
         self._stats.paused = False
-        log.info(
-            "recording resumed for %s after %.1f s; %d frames were not recorded",
-            self.sender_id,
-            now - pause.since,
-            self._stats.not_recorded - pause.not_recorded_before,
+        message = (
+            f"recording resumed for {self.sender_id} after {now - pause.since:.1f} s; "
+            f"{self._stats.not_recorded - pause.not_recorded_before} frames were not recorded"
         )
+        log_event(log, logging.INFO, LogEvent.RECORDING_RESUMED, message, sender_id=self.sender_id)
 
 
 def _usable_sender_id(sender_id: str) -> bool:
