@@ -1,11 +1,8 @@
 """What the recorder says about the frames it has finished with (see ``avd.media.recorder``).
 
 ``RecorderStats`` counts, per sender, what became of every frame. ``on_done`` receives
-batches of ``FrameDone``: (sender id, stream kind, seq). ``Overflow``
-keeps the frames the event loop had to drop on a full queue until the writer thread reports
-them, as runs of consecutive seqs: a full queue drops whole stretches, so a stalled writer
-costs a few runs per stream, not a tuple per frame. ``LeftOut`` tells the log when a full
-queue starts leaving frames out of the recordings, and when that is over.
+batches of ``FrameDone``: (sender id, stream kind, seq). ``Overflow`` follows the frames
+a full queue drops: counted, kept until reported done, and said in the log.
 """
 
 from __future__ import annotations
@@ -28,37 +25,16 @@ OnDone = Callable[[Sequence[FrameDone]], None]
 
 
 class Overflow:
-    """Frames dropped on a full queue, waiting to be reported done (guarded by its owner)."""
+    """The frames a full queue drops, from the drop to their report (guarded by its owner).
 
-    def __init__(self) -> None:
-        self._runs: dict[tuple[str, StreamKind], list[list[int]]] = {}
-
-    def add(self, sender_id: str, kind: StreamKind, seq: int) -> None:
-        runs = self._runs.setdefault((sender_id, kind), [])
-        if runs and runs[-1][1] + 1 == seq:
-            runs[-1][1] = seq
-        else:
-            runs.append([seq, seq])
-
-    def take(self) -> list[FrameDone]:
-        taken = [
-            (sender_id, kind, seq)
-            for (sender_id, kind), runs in self._runs.items()
-            for first, last in runs
-            for seq in range(first, last + 1)
-        ]
-        self._runs.clear()
-        return taken
-
-
-class LeftOut:
-    """Two log lines an incident of a full queue, however many frames it leaves out.
-
-    Frames a full queue drops are counted in the metrics and reported done, so that the
-    senders' acknowledgements go on (see ``Overflow``): they are not in any file and no
-    sender will send them again. An operator must read that in the journal too, not only in
-    a counter: when it starts (what is full, and what to look at) and when it is over (how
-    many frames, whose, over how long). Guarded by its owner's lock.
+    Each dropped frame is counted per sender (the stats' ``dropped``) and kept until the
+    writer reports it done, as runs of consecutive seqs: a full queue drops whole stretches,
+    so a stalled writer costs a few runs per stream, not a tuple per frame. Being reported
+    done, so that the senders' acknowledgements go on, such frames are in no file and no
+    sender will send them again: an operator must read that in the journal, not only in a
+    counter. So the log gets two lines an incident, however many frames: when it starts
+    (``why`` the queue is full, the first sender, the ``hint`` of what to look at) and once
+    ``quiet_s`` passed without a drop, or at ``finish`` (how many, whose, over how long).
     """
 
     def __init__(
@@ -70,43 +46,63 @@ class LeftOut:
         quiet_s: float = LEFT_OUT_QUIET_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._why, self._hint = why, hint  # what is full; what the operator may look at
+        self._why, self._hint = why, hint
         self._log, self._quiet_s, self._clock = log, quiet_s, clock
-        self._counts: dict[str, int] = {}
+        self._runs: dict[tuple[str, StreamKind], list[list[int]]] = {}
+        self.dropped: dict[str, int] = {}  # per sender, since the start
+        self._incident: dict[str, int] = {}  # per sender, in the incident under way
         self._first = self._last = 0.0
 
-    def dropped(self, sender_id: str) -> None:
+    def add(self, sender_id: str, kind: StreamKind, seq: int) -> None:
+        """A frame dropped: counted, kept for its report, and said if it starts an incident."""
+        runs = self._runs.setdefault((sender_id, kind), [])
+        if runs and runs[-1][1] + 1 == seq:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+        self.dropped[sender_id] = self.dropped.get(sender_id, 0) + 1
         now = self._clock()
-        if not self._counts:
+        if not self._incident:
             self._first = now
             message = (
                 f"recorder: {self._why}: frames are left out of the recordings until it "
                 f"catches up (the first from {sender_id}); {self._hint}"
             )
             log_event(self._log, logging.WARNING, LogEvent.FRAMES_LEFT_OUT, message)
-        self._counts[sender_id] = self._counts.get(sender_id, 0) + 1
+        self._incident[sender_id] = self._incident.get(sender_id, 0) + 1
         self._last = now
 
     def admitted(self) -> None:
-        """A frame found room: the incident is over once none was left out for a while."""
-        if self._counts and self._clock() - self._last >= self._quiet_s:
+        """A frame found room: the incident is over once none was dropped for a while."""
+        if self._incident and self._clock() - self._last >= self._quiet_s:
             self.finish()
 
     def finish(self) -> None:
         """Sum the incident up now, if there is one (and at shutdown)."""
-        if not self._counts:
+        if not self._incident:
             return
-        ranked = sorted(self._counts.items(), key=lambda item: (-item[1], item[0]))
+        ranked = sorted(self._incident.items(), key=lambda item: (-item[1], item[0]))
         named = ", ".join(f"{sid} {count}" for sid, count in ranked[:_NAMED_SENDERS])
         if len(ranked) > _NAMED_SENDERS:
             named += f" and {len(ranked) - _NAMED_SENDERS} more senders"
-        total = sum(self._counts.values())
+        total = sum(self._incident.values())
         message = (
             "recorder: caught up; frames left out of the recordings: "
             f"{total} over {self._last - self._first:.1f} s ({named})"
         )
         log_event(self._log, logging.WARNING, LogEvent.FRAMES_LEFT_OUT_OVER, message, frames=total)
-        self._counts.clear()
+        self._incident.clear()
+
+    def take(self) -> list[FrameDone]:
+        """The dropped frames not yet reported done, and forget them."""
+        taken = [
+            (sender_id, kind, seq)
+            for (sender_id, kind), runs in self._runs.items()
+            for first, last in runs
+            for seq in range(first, last + 1)
+        ]
+        self._runs.clear()
+        return taken
 
 
 @dataclass(slots=True)

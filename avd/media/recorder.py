@@ -38,7 +38,7 @@ from pathlib import Path
 
 from avd.media.base import ReceivedFrame, SinkEvent, StreamInfo, StreamKind
 from avd.media.chain import ChainSettings
-from avd.media.done import FrameDone, LeftOut, OnDone, Overflow, RecorderStats
+from avd.media.done import FrameDone, OnDone, Overflow, RecorderStats
 from avd.media.latest import LatestJpeg
 from avd.media.recording import RecordingSettings, SenderRecording
 from avd.media.retention import RetentionPolicy, enforce
@@ -113,12 +113,10 @@ class Recorder:
         self._queued_bytes = 0
         self._lock = threading.Lock()  # guards the four fields below and the senders dict
         self._queued_frames = 0
-        self._dropped: dict[str, int] = {}
-        self._overflow = Overflow()
         limits = [f"{queue_frames} frames"] if queue_frames is not None else []
         if queue_bytes is not None:
             limits.append(f"{queue_bytes / (1024 * 1024):g} MiB, AVD_RECORD_BUFFER_MB")
-        self._left_out = LeftOut(
+        self._overflow = Overflow(
             f"the writer is behind, its queue is full ({' or '.join(limits)})",
             "is the disk slow, or the machine short of CPU for this many senders?",
             log,
@@ -159,11 +157,9 @@ class Recorder:
             self._queued_frames >= self._queue_frames
             or self._queued_bytes + size > self._queue_bytes
         ):
-            self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
             self._overflow.add(info.sender_id, info.kind, frame.seq)
-            self._left_out.dropped(info.sender_id)
             return False
-        self._left_out.admitted()
+        self._overflow.admitted()
         self._queued_frames += 1
         self._queued_bytes += size
         return True
@@ -181,7 +177,7 @@ class Recorder:
             if self._closed:
                 return
             self._closed = True
-            self._left_out.finish()
+            self._overflow.finish()
         self._queue.put(SinkEvent("stop"))
         self._thread.join(_CLOSE_TIMEOUT)
         if self._thread.is_alive():
@@ -200,7 +196,7 @@ class Recorder:
     def stats(self) -> dict[str, RecorderStats]:
         with self._lock:
             senders = dict(self._senders)
-            dropped = dict(self._dropped)
+            dropped = dict(self._overflow.dropped)
         stats = {sid: replace(s.stats, dropped=dropped.get(sid, 0)) for sid, s in senders.items()}
         for sid, count in dropped.items():
             stats.setdefault(sid, RecorderStats(dropped=count))

@@ -47,7 +47,7 @@ from typing import Any
 
 from avd.media import recorder_wire as wire
 from avd.media.base import ReceivedFrame, StreamInfo
-from avd.media.done import LeftOut, OnDone, Overflow, RecorderStats
+from avd.media.done import OnDone, Overflow, RecorderStats
 from avd.media.recorder_wire import Kind
 from avd.media.retention import RetentionPolicy
 
@@ -146,14 +146,12 @@ class RecorderProcess:
         self._flush_timer: asyncio.TimerHandle | None = None  # touched on the loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_registered = False
-        self._overflow = Overflow()
-        self._left_out = LeftOut(
+        self._overflow = Overflow(
             f"the recording process is behind, {max_pending_bytes / (1024 * 1024):g} MiB of "
             "frames wait for it",
             "is the machine short of CPU for this many senders?",
             log,
         )
-        self._dropped: dict[str, int] = {}
         self._stats: dict[str, RecorderStats] = {}
         self._closing = self._broken = False
         self._ready = threading.Event()
@@ -181,11 +179,9 @@ class RecorderProcess:
             if self._closing or self._broken:
                 return
             if self._pending_bytes + size > self._max_pending:
-                self._dropped[info.sender_id] = self._dropped.get(info.sender_id, 0) + 1
                 self._overflow.add(info.sender_id, info.kind, frame.seq)
-                self._left_out.dropped(info.sender_id)
             else:
-                self._left_out.admitted()
+                self._overflow.admitted()
                 header = wire.frame_header(info.session_id, frame)
                 self._pending += (header, frame.data)
                 self._pending_bytes += len(header) + size
@@ -311,7 +307,7 @@ class RecorderProcess:
             if self._closing:
                 return
             self._closing = True
-            self._left_out.finish()
+            self._overflow.finish()
         self._stop_watching()
         self._send_blocking(wire.message(Kind.STOP))
         try:
@@ -354,7 +350,7 @@ class RecorderProcess:
     def stats(self) -> dict[str, RecorderStats]:
         """The child's latest counters (at most ``_STATS_SECONDS`` old), plus drops here."""
         with self._lock:
-            stats, dropped = dict(self._stats), dict(self._dropped)
+            stats, dropped = dict(self._stats), dict(self._overflow.dropped)
         merged = {
             sid: replace(s, dropped=s.dropped + dropped.get(sid, 0)) for sid, s in stats.items()
         }
