@@ -31,6 +31,7 @@ from avd.config import (
     SenderSettings,
     credentials_directory,
     load_settings,
+    unknown_variables,
 )
 from avd.errors import AvdError, ConfigError
 from avd.media.base import StreamKind
@@ -266,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = Report()
     cls: type[CommonSettings] = SenderSettings if args.role == "sender" else ReceiverSettings
+    settings: CommonSettings | None = None
     try:
         settings = load_settings(cls, args.env_file)
     except ConfigError as exc:
@@ -273,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.error(problem, "fix this setting (see config.example.env)")
     else:
         report.ok(f"settings of avd-{args.role} are valid")
+    for unknown in unknown_variables(args.env_file):
+        report.warn(unknown.text, unknown.remedy)
+    if settings is not None:
         if isinstance(settings, ReceiverSettings):
             check_receiver(settings, report)
         else:

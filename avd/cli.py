@@ -27,6 +27,7 @@ from avd.config import (
     SenderSettings,
     load_settings,
     settings_help,
+    unknown_variables,
 )
 from avd.daemon import cancel_quietly, install_signal_handlers, keep_systemd_informed
 from avd.errors import AvdError, CertsExistError, ConfigError, ListenError
@@ -76,6 +77,8 @@ def _run_daemon(role: str, settings_cls: type[CommonSettings], env_file: Path | 
         print(f"{priority}{role}: {exc}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(role=role, log_format=settings.log_format, level=settings.log_level)
+    for unknown in unknown_variables(env_file):
+        log.warning("%s: %s", unknown.text, unknown.remedy)
     try:
         if isinstance(settings, ReceiverSettings):
             return eventloop.run(run_receiver(settings), settings.event_loop)

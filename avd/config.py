@@ -5,15 +5,22 @@ optional ``--env-file`` (the same ``KEY=value`` format systemd's ``EnvironmentFi
 reads), and passes it down. There is no module-level instance. A bad value becomes a
 ``ConfigError`` whose one line names the variable; the CLI exits 78 (EX_CONFIG) with it.
 ``config.example.env`` documents every variable; a test keeps it in step with this file.
+pydantic-settings ignores a variable it does not know, so a misspelt name would leave its
+setting at the default without a word: ``unknown_variables`` names them for the daemons'
+logs and ``avd check``.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+from dotenv import dotenv_values
 from pydantic import (
     AfterValidator,
     BeforeValidator,
@@ -315,6 +322,61 @@ def load_settings(cls: type[SettingsT], env_file: Path | None = None) -> Setting
     except ValidationError as exc:
         lines = [_describe(error) for error in exc.errors()]
         raise ConfigError("; ".join(lines)) from None
+
+
+# deploy/install.sh's own variables: avd's, but no daemon's settings.
+_INSTALLER_VARIABLES = frozenset({"AVD_INSTALL_ROOT", "AVD_PYTHON", "AVD_PIP_ARGS"})
+
+
+@dataclass(frozen=True)
+class UnknownVariable:
+    """A variable avd was given and no daemon reads, and the setting it may have meant."""
+
+    name: str
+    where: str  # "the environment", or the env file's path
+    guess: str | None
+
+    @property
+    def text(self) -> str:
+        return f"{self.name} (in {self.where}) is not an avd setting and is ignored"
+
+    @property
+    def remedy(self) -> str:
+        if self.guess is None:
+            return "remove it (config.example.env lists every setting)"
+        return f"did you mean {self.guess}?"
+
+
+def setting_names() -> frozenset[str]:
+    """Every variable either daemon reads. A daemon knows the other's too: one env file may
+    serve both (config.example.env does), and a receiver's setting in it is no mistake."""
+    fields = [*ReceiverSettings.model_fields, *SenderSettings.model_fields]
+    return frozenset(f"AVD_{name.upper()}" for name in fields)
+
+
+def unknown_variables(
+    env_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> list[UnknownVariable]:
+    """The ``AVD_*`` variables of the environment, and every line of ``env_file`` (where
+    nothing but settings belongs, and a missing prefix is as silent as a typo), that no
+    daemon reads, sorted by name."""
+    known = setting_names()
+    given: dict[str, str] = {}
+    for name in os.environ if environ is None else environ:
+        if name.upper().startswith("AVD_"):
+            given.setdefault(name, "the environment")
+    if env_file is not None:
+        for name in dotenv_values(env_file):
+            given.setdefault(name, str(env_file))
+    unknown = []
+    for name, where in sorted(given.items()):
+        upper = name.upper()
+        if upper in known or upper in _INSTALLER_VARIABLES:
+            continue
+        prefixed = upper if upper.startswith("AVD_") else f"AVD_{upper}"
+        guesses = difflib.get_close_matches(prefixed, known, n=1, cutoff=0.75)
+        unknown.append(UnknownVariable(name, where, guesses[0] if guesses else None))
+    return unknown
 
 
 def settings_help(cls: type[CommonSettings]) -> str:

@@ -73,6 +73,20 @@ def test_a_readable_key_is_a_warning_with_its_remedy(
     assert f"chmod 600 {key}" in result.stdout
 
 
+def test_a_misspelt_variable_is_a_warning_with_the_setting_it_may_have_meant(
+    pki: CertPaths, creds: Credentials, tmp_path: Path
+) -> None:
+    env = receiver_env(
+        pki, creds.tokens_file, AVD_RECORDING_DIR=str(tmp_path / "rec"), AVD_MIN_FREE_GB="0"
+    )
+    result = run_check("receiver", env)
+    assert result.returncode == 2, result.stdout
+    assert (
+        "WARNING  AVD_RECORDING_DIR (in the environment) is not an avd setting and is ignored"
+        " -> did you mean AVD_RECORD_DIR?"
+    ) in result.stdout.splitlines()
+
+
 def test_a_bad_setting_is_an_error_naming_it(pki: CertPaths, creds: Credentials) -> None:
     result = run_check("receiver", receiver_env(pki, creds.tokens_file, AVD_VIDEO_PORT="x"))
     assert result.returncode == 1

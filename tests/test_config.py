@@ -8,17 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from avd.certs import CertPaths
 from avd.config import (
     CommonSettings,
     ReceiverSettings,
     SenderSettings,
     load_settings,
     parse_host_port,
+    setting_names,
     settings_help,
+    unknown_variables,
 )
 from avd.envdoc import render_example_env
 from avd.errors import ConfigError
 from avd.sender import describe
+
+from .conftest import Credentials, Daemon, receiver_env, start_receiver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -222,3 +227,59 @@ def test_the_start_line_gives_a_format_only_to_sources_that_are_on(
     clean_env.setenv("AVD_VIDEO_SOURCE", "none")
     clean_env.setenv("AVD_AUDIO_SOURCE", "test")
     assert describe(load_settings(SenderSettings)).endswith("video=none, audio=test 44100 Hz")
+
+
+def test_misspelt_variables_are_named_with_the_setting_they_may_have_meant(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "sender.env"
+    env_file.write_text(
+        "AVD_RECEIVER_HOST=r\n"  # a sender's setting
+        "AVD_RECORD_DIR=/srv/rec\n"  # a receiver's: one file may serve both daemons
+        "FPS=10\n"  # the prefix forgotten
+        "export AVD_QUALTY=50\n"
+        "AVD_FPS=5\n"  # also in the environment, whose value wins: named there
+    )
+    environ = {
+        "PATH": "/usr/bin",  # not avd's
+        "avd_fps": "20",  # names are not case sensitive
+        "AVD_FPS": "20",
+        "AVD_RECORDING_DIR": "/srv/rec",
+        "AVD_SEGMENT_SECS": "60",
+        "AVD_COLOUR": "red",  # nothing like any setting
+        "AVD_PIP_ARGS": "--no-deps",  # deploy/install.sh's own
+    }
+    found = [(v.name, v.where, v.guess) for v in unknown_variables(env_file, environ)]
+    assert found == [
+        ("AVD_COLOUR", "the environment", None),
+        ("AVD_QUALTY", str(env_file), "AVD_JPEG_QUALITY"),
+        ("AVD_RECORDING_DIR", "the environment", "AVD_RECORD_DIR"),
+        ("AVD_SEGMENT_SECS", "the environment", "AVD_SEGMENT_SECONDS"),
+        ("FPS", str(env_file), "AVD_FPS"),
+    ]
+    lines = {v.name: f"{v.text}: {v.remedy}" for v in unknown_variables(env_file, environ)}
+    assert lines["FPS"] == (
+        f"FPS (in {env_file}) is not an avd setting and is ignored: did you mean AVD_FPS?"
+    )
+    assert lines["AVD_COLOUR"].endswith("remove it (config.example.env lists every setting)")
+
+
+def test_every_documented_variable_is_known_and_nothing_else(clean_env: pytest.MonkeyPatch) -> None:
+    documented = set(re.findall(r"^#?(AVD_\w+)=", (REPO / "config.example.env").read_text(), re.M))
+    assert documented == set(setting_names())
+    assert unknown_variables(REPO / "config.example.env", {}) == []
+    for example in sorted((REPO / "deploy").glob("*.env.example")):
+        assert unknown_variables(example, {}) == [], example
+
+
+def test_the_daemon_logs_a_misspelt_variable_and_starts_anyway(
+    pki: CertPaths, creds: Credentials, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    env = receiver_env(pki, creds.tokens_file, AVD_SEGMENT_SECS="5")
+    receiver = start_receiver(env, tmp_path / "receiver.log")
+    daemons.append(receiver.daemon)
+    receiver.daemon.wait_for_log(
+        r"WARNING .*AVD_SEGMENT_SECS \(in the environment\) is not an avd setting and is "
+        r"ignored: did you mean AVD_SEGMENT_SECONDS\?"
+    )
+    assert receiver.daemon.stop() == 0

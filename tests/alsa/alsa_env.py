@@ -4,7 +4,7 @@ Each test gets its own capture and playback files, named by environment variable
 ``asound.conf`` reads when a device is opened:
 
 - in this process: ``use_alsa_devices(monkeypatch, devices)`` sets ALSA_CONFIG_PATH,
-  AVD_TEST_ALSA_IN and AVD_TEST_ALSA_OUT. Every PyAudio created afterwards uses them:
+  TEST_ALSA_IN and TEST_ALSA_OUT. Every PyAudio created afterwards uses them:
   alsa-lib reloads its configuration when ALSA_CONFIG_PATH changes, and the file names are
   read at each device open, so no subprocess is needed. Create PyAudio (or the avd object
   that does) only after the call.
@@ -53,8 +53,8 @@ class AlsaDevices:
         assert ASOUND_CONF.is_file(), ASOUND_CONF
         return {
             "ALSA_CONFIG_PATH": str(ASOUND_CONF),
-            "AVD_TEST_ALSA_IN": str(self.capture),
-            "AVD_TEST_ALSA_OUT": str(self.playback),
+            "TEST_ALSA_IN": str(self.capture),
+            "TEST_ALSA_OUT": str(self.playback),
         }
 
     def played(self) -> bytes:
