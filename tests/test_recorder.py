@@ -343,6 +343,55 @@ def test_a_frame_is_reported_done_only_once_its_packet_is_in_the_file(tmp_path: 
     assert sum(checked) == 120
 
 
+def test_a_segment_deleted_while_written_is_followed_by_a_new_one_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone empties the recordings folder: without a check the rest of the 60 s segment
+    would go into a file no one can open, acknowledged as recorded."""
+    reported: Counter[tuple[StreamKind, int]] = Counter()
+    recorder = Recorder(
+        tmp_path,
+        retention=NO_RETENTION,
+        interleave_grace=0.1,
+        on_done=lambda batch: reported.update((kind, seq) for _, kind, seq in batch),
+    )
+    recorder.stream_started(info(StreamKind.VIDEO))
+    sent = 0
+
+    def send(count: int) -> None:
+        nonlocal sent
+        for _ in range(count):
+            recorder.frame(
+                info(StreamKind.VIDEO), received(sent, BASE_US + sent * 50_000, jpeg(sent))
+            )
+            sent += 1
+            time.sleep(0.05)
+
+    send(20)
+    wait_until(lambda: len(reported) >= 15)  # the newest frames' cluster may still be open
+    [first] = segments(tmp_path)
+    first.unlink()
+    kept_before = len(reported)
+    while sent < 200 and segments(tmp_path) == []:
+        send(1)
+    send(5)
+    recorder.stream_ended(info(StreamKind.VIDEO))
+    recorder.close()
+    [second] = segments(tmp_path)
+    assert second != first
+    in_second = [seq for kind, seq in stamps(second) if kind == "video"]
+    assert in_second == list(range(sent - len(in_second), sent)), "every frame since"
+    assert len(in_second) >= 5
+    assert reported == Counter((StreamKind.VIDEO, seq) for seq in range(sent)), "each once"
+    stats = recorder.stats()["cam1"]
+    assert stats.video_frames + stats.not_recorded == sent
+    in_first = stats.video_frames - len(in_second)  # counted as recorded before the deletion
+    assert kept_before <= in_first <= 20
+    assert stats.not_recorded >= 1, "what went into the deleted file after it is not recorded"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"segment {first} was deleted while being written" in w for w in warnings)
+
+
 def stamps(path: Path) -> list[tuple[str, int]]:
     """(stream type, seq) of every packet's stamp in a segment (one being written too)."""
     found: list[tuple[str, int]] = []

@@ -348,3 +348,27 @@ def test_open_segments_start_no_threads(tmp_path: Path) -> None:
     finally:
         for writer in writers:
             writer.close()
+
+
+def test_a_segment_deleted_while_written_reports_no_more_frames_as_durable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "seg.mkv"
+    writer = SegmentWriter(path, sender_id="cam1", start_us=BASE_US, video=VIDEO, audio=None)
+    durable: list[int] = []
+    for i in range(20):
+        assert writer.write_video(BASE_US + i * 50_000, jpeg(i), seq=i)
+        durable += [seq for _, seq in writer.take_durable()]
+    assert durable, "frames reach the file while it is written"
+    deleted = [writer.deleted]
+    path.unlink()  # a clean-up of the folder, not avd
+    for i in range(20, 40):
+        assert writer.write_video(BASE_US + i * 50_000, jpeg(i), seq=i)
+        assert writer.take_durable() == [], "nothing in a deleted file is kept"
+    deleted.append(writer.deleted)
+    assert deleted == [False, True]
+    closed = writer.close()
+    assert not closed.kept
+    assert writer.take_durable() == []
+    unwritten = [seq for _, seq in writer.take_unwritten()]
+    assert sorted(durable + unwritten) == list(range(40)), "each frame reported once"

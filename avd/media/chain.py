@@ -202,10 +202,27 @@ class SegmentChain:
         self._fed.clear()
 
     def take_done(self) -> list[Done]:
+        segment = self.segment
+        if segment is not None:
+            self._done += segment.take_durable()
+            if segment.deleted:
+                self._abandon_deleted(segment)
         done, self._done = self._done, []
-        if self.segment is not None:
-            done += self.segment.take_durable()
         return done
+
+    def _abandon_deleted(self, segment: SegmentWriter) -> None:
+        """Someone deleted the segment being written (a clean-up of the folder): had it been
+        kept open, the frames of up to a whole segment's length would go on into a file no
+        one can open, acknowledged as recorded. Its frames not yet in it count as not
+        recorded, and the next frame opens a new segment."""
+        self.close_segment()
+        log.warning(
+            "%s: segment %s was deleted while being written (not by avd): the %d frames "
+            "written to it are gone; recording goes on in a new segment",
+            self.sender_id,
+            segment.path,
+            segment.packets,
+        )
 
     def takes_late(self, info: StreamInfo, capture_us: int) -> bool:
         """Whether a late frame may join this (live) chain: only after everything in it, so

@@ -115,7 +115,8 @@ class ClusterScanner:
     """Counts, call after call, the blocks of each track newly complete in one file.
 
     The file is opened at the first scan that finds it and kept open until ``close``, so
-    the scanner follows it through a rename.
+    the scanner follows it through a rename, and sees when it has been deleted: then
+    ``unlinked`` is set and no more blocks are counted, as none of them will be kept.
     """
 
     def __init__(self, path: Path) -> None:
@@ -125,6 +126,7 @@ class ClusterScanner:
         self._in_segment = False
         self._stuck = False  # an unknown-size cluster: nothing more can be trusted
         self._size_seen = -1
+        self.unlinked = False
 
     def close(self) -> None:
         """Stop scanning: later scans find nothing."""
@@ -143,7 +145,11 @@ class ClusterScanner:
                 self._file = self._path.open("rb")
             except FileNotFoundError:
                 return found  # nothing muxed yet: FFmpeg creates the file at the first packet
-        size = os.fstat(self._file.fileno()).st_size
+        status = os.fstat(self._file.fileno())
+        if status.st_nlink == 0:
+            self.unlinked = True
+            return found
+        size = status.st_size
         if size == self._size_seen:
             return found
         self._size_seen = size

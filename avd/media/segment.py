@@ -241,6 +241,11 @@ class SegmentWriter:
     def _ms(self, capture_us: int) -> int:
         return (capture_us - self.start_us) // 1000
 
+    @property
+    def deleted(self) -> bool:
+        """The file was deleted while being written (not by avd): what goes in is lost."""
+        return self._scanner.unlinked
+
     def take_durable(self) -> list[tuple[StreamKind, int]]:
         """(kind, seq) of the packets that reached the file since the previous call."""
         self._collect_durable()
@@ -284,7 +289,7 @@ class SegmentWriter:
             log.debug("closing segment %s failed: %s", self.path, exc)
         self._collect_durable()  # what the close wrote out
         self._scanner.close()
-        kept = self._published
+        kept = self._published and not self.deleted
         if not kept and not self._arrived:
             with contextlib.suppress(OSError):  # a read-only folder keeps its empty file
                 self._part.unlink(missing_ok=True)
