@@ -155,6 +155,8 @@ class DiskSpool:
         self._write_failing = False
         self._log_throttle = LogThrottle(60.0)  # a failing or flapping disk: a line a minute
         self._acked_fd = -1
+        self._acked_seq = -1  # the newest acknowledgement, for an ``acked`` file made again
+        self._boot_id: str | None = None
         self._lock_fd = _lock_folder(directory)
 
     def __len__(self) -> int:
@@ -211,10 +213,16 @@ class DiskSpool:
     def drop_through(self, seq: int) -> int:
         """Acknowledged: forget every record up to ``seq``; returns how many."""
         count = self._drop_while(lambda i: self._index.seq[i] <= seq)
-        if count and self._acked_fd >= 0:
+        if count:
+            self._acked_seq = max(self._acked_seq, seq)
+            self._store_acked()
+        return count
+
+    def _store_acked(self) -> None:
+        seq = self._acked_seq
+        if self._acked_fd >= 0 and seq >= 0:
             with contextlib.suppress(OSError):
                 os.pwrite(self._acked_fd, ACKED.pack(seq, zlib.crc32(ACKED.pack(seq, 0))), 0)
-        return count
 
     def evict_older_than(self, limit_us: int) -> int:
         """Beyond the age window: lost."""
@@ -258,7 +266,14 @@ class DiskSpool:
     def _create(self, seq: int, capture_us: int) -> _Segment:
         path = self.directory / f"{seq:020d}{SUFFIX}"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND
-        seg = _Segment(path, os.open(path, flags, 0o600), 0, capture_us)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            if self.directory.is_dir():
+                raise
+            self._make_folder_again()
+            fd = os.open(path, flags, 0o600)
+        seg = _Segment(path, fd, 0, capture_us)
         self._segments.append(seg)
         self._writing = seg  # from here a failure is cleaned up by _write_failed
         if os.write(seg.fd, MAGIC) != len(MAGIC):
@@ -266,6 +281,30 @@ class DiskSpool:
         seg.size = len(MAGIC)
         self.file_bytes += len(MAGIC)
         return seg
+
+    def _make_folder_again(self) -> None:
+        """The folder was deleted while in use (a clean-up of the disk, not avd's doing).
+        The frames spooled there are still read through their open files, but new segments,
+        the lock, the acknowledged seq and the boot id need a folder: without one, every
+        frame beyond the memory cap was lost until the sender restarted."""
+        self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        lock_fd = _lock_folder(self.directory)
+        os.close(self._lock_fd)
+        self._lock_fd = lock_fd
+        acked_fd = os.open(self.directory / "acked", os.O_RDWR | os.O_CREAT, 0o600)
+        if self._acked_fd >= 0:
+            os.close(self._acked_fd)
+        self._acked_fd = acked_fd
+        self._store_acked()
+        _write_boot_id(self.directory, self._boot_id)
+        held = (
+            f"; the {len(self)} frames spooled in the deleted files are still sent, but a "
+            "restart of the sender before then would lose them"
+            if len(self)
+            else ""
+        )
+        log.warning("%s was deleted while in use (not by avd): made again%s", self.directory, held)
 
     def _write_failed(self, exc: OSError) -> None:
         seg, self._writing = self._writing, None
@@ -335,6 +374,7 @@ class DiskSpool:
     def recover(self, *, boot_id: str | None, now_us: int, max_age_us: int) -> None:
         """Index the segments found; drop frames that would be recorded at wrong times."""
         acked = _read_acked(self.directory / "acked")
+        self._acked_seq, self._boot_id = acked, boot_id
         for path in sorted(self.directory.glob("*" + SUFFIX)):
             self._load(path, acked)
         self.newest_seq = max(self.newest_seq, acked)  # the sender numbers on from here

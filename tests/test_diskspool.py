@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -426,3 +427,46 @@ def test_an_outage_beyond_the_memory_cap_is_backfilled_from_disk(
     assert 0.9 * captured_during - 10 <= backfilled <= captured_during + 30
     assert late >= backfilled - 5  # each backfilled frame arrived marked late
     assert sender.stop() == 0
+
+
+def test_a_folder_deleted_while_in_use_is_made_again_and_spooling_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clean-up of the disk takes the spool folder: until this was handled, every frame
+    beyond the memory cap was lost until the sender restarted."""
+    root = tmp_path / "spool"
+    directory = root / "video"
+    disk = disk_at(directory, segment_bytes=len(MAGIC) + 4 * (RECORD.size + 96))
+    for seq in range(10):
+        disk.append(seq, frame(seq))
+    assert disk.drop_through(1) == 2
+    shutil.rmtree(root)
+    with caplog.at_level(logging.WARNING, logger="avd.sender"):
+        for seq in range(10, 20):
+            assert disk.append(seq, frame(seq)) == 0, f"frame {seq} lost"
+    made_again = [r.getMessage() for r in caplog.records if "deleted while in use" in r.message]
+    assert made_again == [
+        f"{directory} was deleted while in use (not by avd): made again; the 10 frames "
+        "spooled in the deleted files are still sent, but a restart of the sender before "
+        "then would lose them"
+    ]
+    assert walk_frames(disk) == [(seq, frame(seq)) for seq in range(2, 20)]
+    assert stat.S_IMODE(directory.stat().st_mode) == stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert (directory / "boot_id").read_text().strip() == "boot-a"
+    assert disk.drop_through(13) == 12
+    disk.close()
+    # What went into the files made since is read back after a restart, from the last ack on.
+    again = disk_at(directory)
+    assert [seq for seq, _ in walk_frames(again)] == list(range(14, 20))
+    with pytest.raises(OSError, match="another process"):
+        disk_at(directory)  # the lock was taken again too
+    again.close()
+    caplog.clear()
+    shutil.rmtree(root)
+    empty = disk_at(directory)  # nothing held when it goes: nothing to warn about
+    shutil.rmtree(root)
+    with caplog.at_level(logging.WARNING, logger="avd.sender"):
+        assert empty.append(30, frame(30)) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{directory} was deleted while in use (not by avd): made again"
+    ]
