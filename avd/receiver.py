@@ -26,6 +26,7 @@ from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
 from avd.config import ReceiverSettings
 from avd.errors import ConfigError, ListenError
+from avd.idclash import IdClashes
 from avd.logs import CloseReason, LogEvent, connection_closed, log_event
 from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import MediaSink, StreamKind
@@ -99,6 +100,7 @@ class Receiver:
             acks_after_recording=acks_after_recording,
         )
         self._log_throttle = LogThrottle()
+        self._id_clashes = IdClashes()
         self.lockout = AuthLockout(
             max_failures=settings.auth_max_failures,
             window_s=settings.auth_window_s,
@@ -194,6 +196,17 @@ class Receiver:
         self._ack_routes[key] = session
         if old is not None and old is not session:
             log.info("%s reconnected: replacing its previous %s session", key[0], key[1].label)
+            now_us = monotonic_us()
+            clash = self._id_clashes.replaced(
+                key[0],
+                key[1].label,
+                old_idle_s=(now_us - old.last_rx_us) / 1e6,
+                old_ip=old.ip,
+                new_ip=session.ip,
+                now=now_us / 1e6,
+            )
+            if clash is not None:
+                log.warning("%s", clash)
             old.close(CloseReason.REPLACED)
 
     def _finished(self, session: Session) -> None:

@@ -241,6 +241,26 @@ def test_two_senders_at_once(launch: Launcher) -> None:
     assert metric(handle.metrics(), "avd_connections_active", stream="video") == 2
 
 
+def test_two_senders_sharing_an_id_are_named_in_the_receivers_log(launch: Launcher) -> None:
+    """A sender's env file and token copied to a second camera: the two replace each other
+    for ever. Each sender says it was replaced; the receiver says why it keeps happening."""
+    handle = launch.receiver()
+    first = launch.sender(handle, "first", AVD_AUDIO_SOURCE="none")
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    second = launch.sender(handle, "second", AVD_AUDIO_SOURCE="none")
+    handle.daemon.wait_for_log(
+        r"WARNING .*cam1: its video sessions replaced each other \d+ times in the last 60 s "
+        r"while still streaming, all from 127\.0\.0\.1: are two senders using the id cam1 "
+        r"and its token\? Give each its own AVD_SENDER_ID and token",
+        timeout=30,
+    )
+    for sender in (first, second):
+        sender.wait_for_log("another sender connected with the same id 'cam1'")
+        assert sender.stop() == 0
+    assert handle.daemon.log_text().count("its video sessions replaced each other") == 1
+    assert "replaced each other" not in first.log_text() + second.log_text()
+
+
 def test_sighup_reload_closes_a_revoked_senders_sessions(
     creds: Credentials, launch: Launcher
 ) -> None:
