@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
+from pathlib import Path
 
 from avd.backoff import Backoff
 from avd.capture import CaptureThread
@@ -158,6 +159,9 @@ class Sender:
                 log.warning("%s: %s", variable, problem)
         self.sources = build_sources(settings)
         self.clients: list[StreamClient] = []
+        # By stream, once its spool is closed: frames left unacknowledged, and the folder
+        # they were kept in (None: without AVD_SPOOL_DIR they went with the process).
+        self._left_at_exit: dict[str, tuple[int, Path | None]] = {}
         self.captures: list[CaptureThread] = []
         # (monotonic µs, video frames sent) at the last status_line: its fps is measured.
         self._sent_mark: tuple[int, float] | None = None
@@ -281,10 +285,16 @@ class Sender:
                 )
                 for name in ("captured", "sent", "backfilled", "dropped", "lost")
             }
+            left, kept_in = self._left_at_exit.get(client.label, (len(client.spool), None))
+            fate = ""
+            if left and kept_in is not None:
+                fate = f" (kept in {kept_in}: sent after the next start)"
+            elif left:
+                fate = " (gone with this process: AVD_SPOOL_DIR would keep them)"
             lines.append(
                 f"{client.label}: captured={counts['captured']} sent={counts['sent']} "
                 f"backfilled={counts['backfilled']} dropped-live={counts['dropped']} "
-                f"lost={counts['lost']} unacknowledged={len(client.spool)}"
+                f"lost={counts['lost']} unacknowledged={left}{fate}"
             )
         return lines
 
@@ -309,7 +319,10 @@ class Sender:
             for capture in self.captures:
                 await asyncio.to_thread(capture.stop)
             for client in self.clients:  # unacknowledged frames in memory go to disk, if set
-                await asyncio.to_thread(client.spool.close)
+                spool = client.spool
+                held, lost_before = len(spool), spool.lost
+                kept_in = await asyncio.to_thread(spool.close)
+                self._left_at_exit[client.label] = (held - (spool.lost - lost_before), kept_in)
 
 
 def describe(settings: SenderSettings) -> str:

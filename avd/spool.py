@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from pathlib import Path
 
 from avd.diskspool import DiskSpool, sync_and_close
 from avd.media.base import CapturedFrame
@@ -146,14 +147,16 @@ class Spool:
             found_seq = self._seqs[index]
             return found_seq, self._frames[found_seq]
 
-    def close(self) -> None:
+    def close(self) -> Path | None:
         """At shutdown, after the last ``add``: frames in memory go to disk, so a restart
-        sends them; the disk tier is closed. Without a disk tier, nothing to do."""
+        sends them; the disk tier is closed. Returns its folder, None without a disk tier
+        (the frames held are then lost with the process)."""
         with self._lock:
             if self.disk is None:
-                return
+                return None
             while self._frames:
                 self.disk.append(*self._pop_oldest())
             self._memory_lost += self.disk.lost
             self.disk.close()
-            self.disk = None
+            directory, self.disk = self.disk.directory, None
+            return directory

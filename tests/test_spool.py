@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from avd.clock import monotonic_us
 from avd.diskspool import DiskSpool
 from avd.media.base import CapturedFrame
 from avd.spool import Spool
@@ -210,7 +211,7 @@ def test_close_puts_memory_on_disk_and_a_new_spool_numbers_on_above_it(tmp_path:
     for seq in range(20):
         spool.add(seq, sized(seq))
     spool.ack(4)
-    spool.close()
+    assert spool.close() == tmp_path, "where the frames left are kept"
     again = tiered(tmp_path)
     assert walk_frames(again) == [(seq, sized(seq)) for seq in range(5, 20)]
     assert again.floor() == 5
@@ -309,6 +310,33 @@ def test_a_sender_killed_during_an_outage_sends_what_its_disk_held_after_restart
     assert sender_metric("avd_frames_lost_total") == 0
     assert metric(back.metrics(), "avd_frames_late_total", stream="video") >= recovered
     assert second.stop() == 0
+
+
+def test_the_exit_summary_says_where_unacknowledged_frames_went(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    """It said ``unacknowledged=0`` when they were all kept on disk (the spool was closed
+    before it was counted), and gave no hint when, with no spool folder, they were gone."""
+    receiver = launch.receiver()
+    assert receiver.daemon.stop() == 0  # its ports now refuse: an outage from the start
+    spool_dir = tmp_path / "spool"
+    kept = launch.sender(receiver, "kept", AVD_SPOOL_DIR=str(spool_dir), AVD_AUDIO_SOURCE="none")
+    gone = launch.sender(receiver, "gone", AVD_AUDIO_SOURCE="none")
+    for sender in (kept, gone):
+        sender.wait_for_log(r"capturing test pattern")
+    time.sleep(2)
+    assert kept.stop() == 0
+    assert gone.stop() == 0
+    disk = DiskSpool(spool_dir / "video", max_bytes=1 << 30, segment_bytes=1 << 30, segment_us=1)
+    disk.recover(boot_id=None, now_us=monotonic_us(), max_age_us=10**12)
+    on_disk = len(disk)
+    disk.close()
+    line = kept.wait_for_log(r"video: captured=(\d+) .*lost=0 unacknowledged=(\d+)(.*)")
+    assert int(line.group(1)) == int(line.group(2)) == on_disk > 10
+    assert line.group(3) == f" (kept in {spool_dir / 'video'}: sent after the next start)"
+    line = gone.wait_for_log(r"video: captured=(\d+) .*lost=0 unacknowledged=(\d+)(.*)")
+    assert int(line.group(1)) == int(line.group(2)) > 10
+    assert line.group(3) == " (gone with this process: AVD_SPOOL_DIR would keep them)"
 
 
 def test_frames_lost_from_the_spool_are_logged_at_once_then_a_line_a_minute(
