@@ -30,6 +30,7 @@ from avd.config import (
     ReceiverSettings,
     SenderSettings,
     credentials_directory,
+    join_host_port,
     load_settings,
     unknown_variables,
 )
@@ -186,7 +187,7 @@ async def probe_receiver(
     timeout_s: float,
 ) -> None:
     port = settings.video_port if kind is StreamKind.VIDEO else settings.audio_port
-    where = f"{settings.receiver_host}:{port}"
+    where = join_host_port(settings.receiver_host, port)
     started = monotonic_us()
     try:
         async with asyncio.timeout(timeout_s):

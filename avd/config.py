@@ -71,6 +71,11 @@ def parse_host_port(value: str, variable: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def join_host_port(host: str, port: int | str) -> str:
+    """``parse_host_port``'s inverse, as logs write an address: ``[v6]:port`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class CommonSettings(BaseSettings):
     """Settings both daemons share."""
 

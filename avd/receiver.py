@@ -24,7 +24,7 @@ from avd import protocol
 from avd.accept import Acceptor, open_listeners, start_tls, until_readable
 from avd.certs import seconds_until_expiry
 from avd.clock import monotonic_us
-from avd.config import ReceiverSettings
+from avd.config import ReceiverSettings, join_host_port
 from avd.errors import ConfigError, ListenError
 from avd.idclash import IdClashes
 from avd.logs import CloseReason, LogEvent, connection_closed, log_event
@@ -42,8 +42,7 @@ log = logging.getLogger("avd.receiver")
 def format_peer(peername: object) -> str:
     """``ip:port`` for IPv4, ``[ip]:port`` for IPv6, from asyncio's peername."""
     if isinstance(peername, tuple) and len(peername) >= 2:
-        host, port = str(peername[0]), peername[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return join_host_port(str(peername[0]), peername[1])
     return str(peername)
 
 

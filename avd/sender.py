@@ -17,7 +17,7 @@ from pathlib import Path
 from avd.backoff import Backoff
 from avd.capture import CaptureThread
 from avd.clock import monotonic_us
-from avd.config import SenderSettings, credentials_directory
+from avd.config import SenderSettings, credentials_directory, join_host_port
 from avd.diskspool import current_boot_id, open_disk_spool
 from avd.errors import ConfigError
 from avd.logthrottle import LogThrottle
@@ -252,10 +252,9 @@ class Sender:
         parts = [f"{c.label}: {c.state}" for c in self.clients if c.state != "streaming"]
         fps = self._video_fps_since_last_call()
         if streaming:
-            host = self.settings.receiver_host
-            where = f"[{host}]" if ":" in host else host
             ports = "/".join(str(c.endpoint.port) for c in streaming)
-            text = f"streaming {'+'.join(c.label for c in streaming)} to {where}:{ports}"
+            where = join_host_port(self.settings.receiver_host, ports)
+            text = f"streaming {'+'.join(c.label for c in streaming)} to {where}"
             if fps is not None and any(c.kind is StreamKind.VIDEO for c in streaming):
                 text += f", {fps:.1f} fps"
             parts.insert(0, text)
@@ -327,7 +326,7 @@ class Sender:
 
 def describe(settings: SenderSettings) -> str:
     """The start line's summary: where to, and each source with its format (none: off)."""
-    where = f"{settings.receiver_host}:{settings.video_port}/{settings.audio_port}"
+    where = join_host_port(settings.receiver_host, f"{settings.video_port}/{settings.audio_port}")
     video, audio = f"video={settings.video_source}", f"audio={settings.audio_source}"
     if settings.video_source != "none":
         video += f" {settings.width}x{settings.height}@{settings.fps} q{settings.jpeg_quality}"

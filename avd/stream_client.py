@@ -23,6 +23,7 @@ from typing import TypeVar
 from avd import protocol
 from avd.backoff import Backoff, FailureKind, classify, describe_failure
 from avd.clock import monotonic_us
+from avd.config import join_host_port
 from avd.errors import AuthError, RemoteProtocolError
 from avd.link import Link, SessionEnded, SourceEnded, tune_socket
 from avd.logs import LogEvent, log_event
@@ -178,7 +179,7 @@ class StreamClient:
             return
         repeated = self._retries_unlogged - 1 if problem == self._last_problem else 0
         self._last_problem, self._last_retry_log_us, self._retries_unlogged = problem, now, 0
-        where = f"{self.endpoint.host}:{self.endpoint.port}"
+        where = join_host_port(self.endpoint.host, self.endpoint.port)
         also = f" ({repeated} more attempts since the last report)" if repeated else ""
         level = logging.INFO if failure is FailureKind.SESSION_LOST else logging.WARNING
         log_event(
@@ -236,10 +237,10 @@ class StreamClient:
                 log,
                 logging.INFO,
                 LogEvent.STREAM_STARTED,
-                f"{self.label} stream connected to {ep.host}:{ep.port} "
+                f"{self.label} stream connected to {join_host_port(ep.host, ep.port)} "
                 f"(session {welcome.session_id})",
                 stream=self.label,
-                peer=f"{ep.host}:{ep.port}",
+                peer=join_host_port(ep.host, ep.port),
             )
             link = Link(
                 self,

@@ -13,6 +13,7 @@ from avd.config import (
     CommonSettings,
     ReceiverSettings,
     SenderSettings,
+    join_host_port,
     load_settings,
     parse_host_port,
     setting_names,
@@ -163,6 +164,9 @@ def test_parse_host_port() -> None:
     for bad in ("9400", "host:", ":9400", "host:-1", "host:99999"):
         with pytest.raises(ConfigError, match=r"^X: "):
             parse_host_port(bad, "X")
+    for host, port in (("127.0.0.1", 9400), ("::1", 9400), ("fe80::1%eth0", 0), ("cam", 1)):
+        assert parse_host_port(join_host_port(host, port), "X") == (host, port)
+    assert join_host_port("::1", "5000/5001") == "[::1]:5000/5001"
 
 
 def _documented(text: str) -> dict[str, str]:

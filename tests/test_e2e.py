@@ -241,6 +241,17 @@ def test_two_senders_at_once(launch: Launcher) -> None:
     assert metric(handle.metrics(), "avd_connections_active", stream="video") == 2
 
 
+def test_streams_over_ipv6_with_addresses_written_in_brackets(launch: Launcher) -> None:
+    handle = launch.receiver(AVD_BIND="::1")
+    sender = launch.sender(handle, AVD_RECEIVER_HOST="::1", AVD_AUDIO_SOURCE="none")
+    wait_until(lambda: _received(handle, "cam1", "video") > 5)
+    port = handle.video_port
+    sender.wait_for_log(rf"video stream connected to \[::1\]:{port} \(session")
+    assert f"sender cam1 -> [::1]:{port}/{handle.audio_port}," in sender.log_text()
+    handle.daemon.wait_for_log(r"connection opened peer=\[::1\]:\d+ sender=cam1 stream=video")
+    assert sender.stop() == 0
+
+
 def test_two_senders_sharing_an_id_are_named_in_the_receivers_log(launch: Launcher) -> None:
     """A sender's env file and token copied to a second camera: the two replace each other
     for ever. Each sender says it was replaced; the receiver says why it keeps happening."""
