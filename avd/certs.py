@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from avd.atomicfile import write_atomically
+from avd.atomicfile import write_all_atomically
 from avd.errors import CertsExistError, ConfigError
 
 KEY_MODE = 0o600
@@ -185,11 +185,13 @@ def _issue_leaves(
     ]
     if with_ca:
         issued.insert(0, (ca, paths.ca_key, paths.ca_cert))
-    # Keys first, so a certificate never sits on disk without its key.
+    # All or none (a full disk changes nothing); keys first, so that a certificate never
+    # sits on disk without its key.
+    files: list[tuple[Path, bytes, int]] = []
     for made, key_path, cert_path in issued:
-        write_atomically(key_path, _key_pem(made.key), mode=KEY_MODE)
-        cert_pem = made.cert.public_bytes(serialization.Encoding.PEM)
-        write_atomically(cert_path, cert_pem, mode=CERT_MODE)
+        files.append((key_path, _key_pem(made.key), KEY_MODE))
+        files.append((cert_path, made.cert.public_bytes(serialization.Encoding.PEM), CERT_MODE))
+    write_all_atomically(files)
 
 
 def _load_ca(cert_path: Path, key_path: Path) -> _Issued:

@@ -336,6 +336,11 @@ def _hosts(text: str) -> list[str]:
     return [h.strip() for h in text.split(",") if h.strip()]
 
 
+def _unwritten(exc: OSError) -> str:
+    """A failed all-or-none write (``avd.atomicfile``), for the admin commands."""
+    return f"cannot write {exc.filename}: {exc.strerror or exc}; no file was changed"
+
+
 def _certs_init(args: argparse.Namespace) -> int:
     from avd.certs import default_hosts, format_init_report, init_certs  # noqa: PLC0415
 
@@ -344,6 +349,9 @@ def _certs_init(args: argparse.Namespace) -> int:
         paths = init_certs(Path(args.dir), hosts, days=args.days, force=args.force)
     except CertsExistError as exc:
         print(f"avd certs init: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"avd certs init: {_unwritten(exc)}", file=sys.stderr)
         return 1
     print(format_init_report(paths))
     return 0
@@ -354,7 +362,11 @@ def _certs_renew(args: argparse.Namespace) -> int:
 
     hosts = _hosts(args.hosts) if args.hosts else None
     ca_key = Path(args.ca_key) if args.ca_key else None
-    end = renew_certs(Path(args.dir), hosts, days=args.days, ca_key=ca_key)
+    try:
+        end = renew_certs(Path(args.dir), hosts, days=args.days, ca_key=ca_key)
+    except OSError as exc:
+        print(f"avd certs renew: {_unwritten(exc)}", file=sys.stderr)
+        return 1
     paths = CertPaths.in_directory(Path(args.dir))
     for path in (paths.receiver_cert, paths.receiver_key, paths.sender_cert, paths.sender_key):
         print(f"wrote {path}")
@@ -376,7 +388,11 @@ def _token_new(args: argparse.Namespace) -> int:
         return 2
     token = new_token()
     if args.tokens_file:
-        add_token(Path(args.tokens_file), sender_id, token)
+        try:
+            add_token(Path(args.tokens_file), sender_id, token)
+        except OSError as exc:
+            print(f"avd token new: {_unwritten(exc)}", file=sys.stderr)
+            return 1
         print(f"added the hash of {sender_id}'s token to {args.tokens_file}", file=sys.stderr)
     print(
         "give this token to the sender (AVD_TOKEN_FILE or a 'token' credential):", file=sys.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from avd.atomicfile import write_atomically
+from avd.atomicfile import write_all_atomically, write_atomically
 
 
 def test_replaces_with_the_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
@@ -40,3 +40,19 @@ def test_a_failed_replace_leaves_the_target_and_no_temporary(tmp_path: Path) -> 
         write_atomically(target, b"new", mode=0o600)
     assert (target / "inside").read_text() == "kept"
     assert [p.name for p in tmp_path.iterdir()] == ["in-use"]
+
+
+def test_a_set_is_written_all_or_none_and_the_error_names_the_file(tmp_path: Path) -> None:
+    first, second = tmp_path / "ca.key", tmp_path / "ca.crt"
+    first.write_bytes(b"old key")
+    missing = tmp_path / "gone" / "receiver.key"  # its folder does not exist: staging fails
+    files = [(first, b"new key", 0o600), (second, b"new cert", 0o644), (missing, b"k", 0o600)]
+    with pytest.raises(OSError) as failure:
+        write_all_atomically(files)
+    assert failure.value.filename is not None
+    assert "receiver.key" in str(failure.value.filename)
+    assert first.read_bytes() == b"old key", "nothing replaced before every file was staged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.key"], "no temporary left"
+    write_all_atomically(files[:2])
+    assert (first.read_bytes(), second.read_bytes()) == (b"new key", b"new cert")
+    assert stat.S_IMODE(second.stat().st_mode) == 0o644

@@ -30,6 +30,8 @@ from avd.certs import (
 )
 from avd.errors import CertsExistError, ConfigError
 
+from .conftest import small_tmpfs
+
 HOSTS = ["localhost", "avd.example", "127.0.0.1", "::1", "10.0.0.7"]
 FILE_NAMES = {"ca.crt", "ca.key", "receiver.crt", "receiver.key", "sender.crt", "sender.key"}
 
@@ -372,3 +374,29 @@ def test_the_renew_command_says_what_it_wrote_and_what_is_left_to_do(
     assert paths.ca_cert.read_bytes() == old_ca
     assert cli.main(["certs", "renew", "--dir", str(tmp_path / "nowhere")]) == cli.EX_CONFIG
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_full_disk_changes_no_file_and_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With 12 KiB free, `avd certs init` wrote the CA and a key, then died with a
+    traceback: the half-made folder then refused the next try (files exist)."""
+    with small_tmpfs(tmp_path / "small", "12k") as disk:
+        folder = disk / "certs"
+        assert cli.main(["certs", "init", "--dir", str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert re.fullmatch(
+            rf"avd certs init: cannot write {folder}/\S+: No space left on device; "
+            r"no file was changed\n",
+            err,
+        ), err
+        assert list(folder.iterdir()) == []
+    # Renewing on a full disk keeps the old certificates and keys, every one of them.
+    made = init_certs(tmp_path / "made", ["localhost"])
+    with small_tmpfs(tmp_path / "full", "24k") as disk:  # six pages: the six files fill it
+        for path in made.all():
+            (disk / path.name).write_bytes(path.read_bytes())
+        before = {p.name: p.read_bytes() for p in disk.iterdir()}
+        assert cli.main(["certs", "renew", "--dir", str(disk)]) == 1
+        assert "no file was changed" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in disk.iterdir()} == before

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from avd import cli
 from avd.errors import ConfigError
 from avd.tokens import (
     SENDER_ID_RE,
@@ -24,6 +25,8 @@ from avd.tokens import (
     removed_or_changed,
     validate_sender_id,
 )
+
+from .conftest import small_tmpfs
 
 CAM1_TOKEN = "cam1-token-" + "a" * 40
 CAM2_TOKEN = "cam2-token-" + "b" * 40
@@ -423,3 +426,21 @@ def test_error_chains_carry_no_secret(tmp_path: Path) -> None:
 def test_sha256_digest_matches_the_stored_text() -> None:
     digest = hashlib.sha256(CAM1_TOKEN.encode()).hexdigest()
     assert TokenStore({"cam1": f"sha256:{digest}"}).verify("cam1", CAM1_TOKEN)
+
+
+def test_token_new_on_a_full_disk_leaves_the_tokens_file_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with small_tmpfs(tmp_path / "small", "4k") as disk:  # one page, which the file fills
+        tokens = disk / "tokens"
+        add_token(tokens, "cam1", CAM1_TOKEN)
+        before = tokens.read_bytes()
+        argv = ["token", "new", "--sender-id", "cam2", "--tokens-file", str(tokens)]
+        assert cli.main(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.err == (
+            f"avd token new: cannot write {tokens}: No space left on device; no file was changed\n"
+        )
+        assert captured.out == "", "no token is given out that the receiver does not know"
+        assert tokens.read_bytes() == before
+        assert [p.name for p in disk.iterdir()] == ["tokens"]
