@@ -16,13 +16,16 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avd import certs
 from avd.backoff import RECEIVER_GONE, SLOW_RETRY, Backoff, FailureKind, classify, describe_failure
-from avd.certs import CertPaths
+from avd.certs import CertPaths, init_certs
 from avd.errors import AuthError, FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from avd.tls import receiver_context, sender_context
 
@@ -352,7 +355,8 @@ def test_real_receiver_certificate_from_another_ca(pki: CertPaths, other_pki: Ce
     exc = fail_to_connect(receiver(pki), sender_context(ca=other_pki.ca_cert))
     assert classify(exc) is FailureKind.TLS_VERIFY
     assert describe_failure(classify(exc), exc) == (
-        "receiver certificate not trusted: unable to get local issuer certificate"
+        "receiver certificate not trusted: unable to get local issuer certificate (is "
+        "AVD_TLS_CA the ca.crt of the `avd certs init` that made the receiver's?)"
     )
 
 
@@ -362,6 +366,27 @@ def test_real_receiver_certificate_for_another_name(pki: CertPaths) -> None:
     text = describe_failure(classify(exc), exc)
     assert text.startswith("receiver certificate not trusted: Hostname mismatch")
     assert "wrong.example" in text
+    assert text.endswith(
+        "(AVD_RECEIVER_HOST (or AVD_TLS_SERVER_NAME) must be a name or address in the "
+        "receiver's certificate: avd certs renew --hosts adds it)"
+    )
+
+
+def test_real_expired_receiver_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class MonthAgo(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> MonthAgo:
+            return cls.fromtimestamp((datetime.now(tz) - timedelta(days=30)).timestamp(), tz)
+
+    monkeypatch.setattr(certs, "datetime", MonthAgo)
+    expired = init_certs(tmp_path, ["127.0.0.1"], days=1)  # ended four weeks ago
+    monkeypatch.undo()
+    exc = fail_to_connect(receiver(expired), sender_context(ca=expired.ca_cert))
+    assert classify(exc) is FailureKind.TLS_VERIFY
+    assert describe_failure(classify(exc), exc) == (
+        "receiver certificate not trusted: certificate has expired (renew it on the "
+        "receiver's machine: avd certs renew)"
+    )
 
 
 def test_real_missing_client_certificate(pki: CertPaths) -> None:
