@@ -211,6 +211,7 @@ def test_a_format_the_device_refuses_is_logged_and_the_next_stream_plays(
     sink.stream_started(refused)
     wait_until(lambda: "cannot play 44100 Hz, 200 channel(s)" in caplog.text)
     assert "speaker 'default'" in caplog.text
+    assert "the stream is still received and recorded (AVD_PLAYBACK: none for no" in caplog.text
     send(sink, refused, [bytes(too_wide.chunk_bytes)] * 3)  # dropped, no error
     sink.stream_ended(refused)
     good = audio("cam2")

@@ -241,7 +241,9 @@ class SpeakerSink:
             )
         except (OSError, ValueError) as exc:
             log.error(
-                "speaker %r cannot play %d Hz, %d channel(s), %d-bit audio of sender %s: %s",
+                "speaker %r cannot play %d Hz, %d channel(s), %d-bit audio of sender %s: %s; "
+                "the stream is still received and recorded (AVD_PLAYBACK: none for no "
+                "speaker, or another device, which avd devices lists)",
                 self.device_spec,
                 fmt.rate,
                 fmt.channels,
