@@ -40,6 +40,7 @@ from avd.systemd import Notifier
 
 if TYPE_CHECKING:
     from avd.media.recorder_process import RecorderProcess
+    from avd.receiver import Receiver
 
 EX_CONFIG = 78
 log = logging.getLogger("avd")
@@ -115,6 +116,20 @@ def _serve_metrics(
 
 
 # ---- receiver ---------------------------------------------------------------------------
+
+
+def _reloader(receiver: Receiver, notifier: Notifier) -> Callable[[], None]:
+    """SIGHUP (``systemctl reload avd-receiver``): the tokens file is read again, systemd
+    told when the reload starts and when it is done, so that ``reload`` returns then."""
+
+    def reload() -> None:
+        notifier.reloading()
+        try:
+            receiver.reload_tokens()
+        finally:
+            notifier.ready()
+
+    return reload
 
 
 def _systemd_made_it_read_only(exc: OSError) -> bool:
@@ -206,6 +221,7 @@ async def run_receiver(settings: ReceiverSettings) -> int:
             loop.call_soon_threadsafe(stop.set)
 
     stop = asyncio.Event()
+    notifier = Notifier.from_env()
     recorder = build_recorder(settings, on_done=recorded, on_failure=recorder_failed)
     speaker = build_speaker(settings)
     # The live output first: the recorder's hand-off is not on the path to the ear.
@@ -215,7 +231,7 @@ async def run_receiver(settings: ReceiverSettings) -> int:
         receivers.append(receiver)
         if recorder is not None:
             metrics.registry.register(RecorderCollector(recorder.stats))
-        install_signal_handlers(stop, on_reload=receiver.reload_tokens)
+        install_signal_handlers(stop, on_reload=_reloader(receiver, notifier))
         listening = await receiver.start()
         stop_metrics, metrics_where = _serve_metrics(settings, metrics.registry)
     except BaseException:
@@ -223,7 +239,6 @@ async def run_receiver(settings: ReceiverSettings) -> int:
         # running, is told to stop rather than left to find its parent gone.
         await asyncio.to_thread(sink.close)
         raise
-    notifier = Notifier.from_env()
     log_event(
         log,
         logging.INFO,

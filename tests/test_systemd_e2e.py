@@ -388,6 +388,23 @@ def served_certificate(setup: Installed) -> bytes:
     return der
 
 
+def test_reload_reads_the_tokens_file_again_without_a_restart(services: Installed) -> None:
+    c = services.container
+    c.systemctl("start", "avd-receiver", "avd-sender", timeout=60)
+    wait_streaming(services)
+    pid = c.show("avd-receiver", "MainPID")["MainPID"]
+    invocation = c.show("avd-receiver", "InvocationID")["InvocationID"]
+    c.systemctl("reload", "avd-receiver", timeout=30)  # not applicable without ExecReload=
+    reloaded = with_id(entries_of_run(c, "avd-receiver", invocation), LogEvent.CONFIG_RELOADED)
+    assert [e["MESSAGE"] for e in reloaded] == ["tokens reloaded: 1 senders, 0 revoked"]
+    assert c.show("avd-receiver", "MainPID", "ActiveState") == {
+        "MainPID": pid,
+        "ActiveState": "active",
+    }
+    before = services.frames_received("video")
+    wait_until(lambda: services.frames_received("video") > before + 20, timeout=15)
+
+
 def test_renewed_certificates_keep_senders_trusting_the_receiver(services: Installed) -> None:
     """The README's renewal: `avd certs renew` from the same CA, a receiver restart, and the
     sender, which kept its ca.crt, streams again to the new certificate."""
