@@ -68,10 +68,15 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def make_verify_root(root: Path) -> None:
-    """The host's system units under ``root``, so that --root finds sysinit.target & co."""
+    """The host's system units under ``root``, so that --root finds sysinit.target & co.,
+    and the host's kill (procps), which the receiver's ExecReload= runs."""
     target = root / SYSTEM_UNITS.relative_to("/")
     if not target.exists():
         shutil.copytree(SYSTEM_UNITS, target, symlinks=True)
+    kill = root / "bin/kill"
+    if not kill.exists():
+        kill.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2("/bin/kill", kill)
 
 
 def verify(root: Path, role: str) -> str:
