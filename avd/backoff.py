@@ -181,10 +181,15 @@ _VERIFY_HINTS = {
 }
 
 
+def verify_hint(exc: ssl.SSLCertVerificationError) -> str | None:
+    """What to change when the receiver's certificate was not trusted, if known."""
+    return _VERIFY_HINTS.get(getattr(exc, "verify_code", 0) or 0)
+
+
 def _describe_tls(exc: BaseException | None) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = (getattr(exc, "verify_message", None) or _ssl_reason(exc)).rstrip(".")
-        hint = _VERIFY_HINTS.get(getattr(exc, "verify_code", 0) or 0)
+        hint = verify_hint(exc)
         return f"receiver certificate not trusted: {why}" + (f" ({hint})" if hint else "")
     if isinstance(exc, ssl.SSLError):
         return f"receiver refused our client certificate: {_ssl_reason(exc)}"

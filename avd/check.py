@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avd import eventloop, protocol
+from avd.backoff import verify_hint
 from avd.certs import EXPIRY_WARNING_DAYS, seconds_until_expiry
 from avd.certwatch import renewal_remedy
 from avd.clock import monotonic_us
@@ -248,7 +249,9 @@ def _reason(exc: BaseException) -> str:
 
 def _network_remedy(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "AVD_TLS_CA must be the CA that signed the receiver's certificate; check the name"
+        return (
+            verify_hint(exc) or "AVD_TLS_CA must be the CA that signed the receiver's certificate"
+        )
     if isinstance(exc, ConnectionRefusedError):
         return "is avd-receiver running, and are AVD_RECEIVER_HOST and the ports right?"
     return "check AVD_RECEIVER_HOST, the ports and the firewall"

@@ -130,6 +130,28 @@ def test_a_wrong_token_and_an_absent_receiver_are_errors_with_remedies(
     assert "is avd-receiver running" in absent.stdout
 
 
+def test_an_untrusted_receiver_certificate_says_which_setting_to_change(
+    pki: CertPaths, other_pki: CertPaths, creds: Credentials, receiver: ReceiverHandle
+) -> None:
+    token = creds.tokens["cam1"]
+    wrong_ca = run_check(
+        "sender", sender_env(pki, receiver, "cam1", token, AVD_TLS_CA=str(other_pki.ca_cert))
+    )
+    assert wrong_ca.returncode == 1
+    assert (
+        "certificate not trusted: unable to get local issuer certificate -> is AVD_TLS_CA the "
+        "ca.crt of the `avd certs init` that made the receiver's?"
+    ) in wrong_ca.stdout
+    wrong_name = run_check(
+        "sender", sender_env(pki, receiver, "cam1", token, AVD_TLS_SERVER_NAME="wrong.example")
+    )
+    assert wrong_name.returncode == 1
+    assert (
+        "-> AVD_RECEIVER_HOST (or AVD_TLS_SERVER_NAME) must be a name or address in the "
+        "receiver's certificate: avd certs renew --hosts adds it"
+    ) in wrong_name.stdout
+
+
 def test_a_readable_token_file_is_a_warning_that_calls_it_a_token(
     pki: CertPaths, creds: Credentials, receiver: ReceiverHandle, tmp_path: Path
 ) -> None:
