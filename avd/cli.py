@@ -408,7 +408,11 @@ def _token_new(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"avd token new: {_unwritten(exc)}", file=sys.stderr)
             return 1
-        print(f"added the hash of {sender_id}'s token to {args.tokens_file}", file=sys.stderr)
+        print(
+            f"added the hash of {sender_id}'s token to {args.tokens_file}; a running receiver "
+            "reads it on reload (systemctl reload avd-receiver, or SIGHUP)",
+            file=sys.stderr,
+        )
     print(
         "give this token to the sender (AVD_TOKEN_FILE or a 'token' credential):", file=sys.stderr
     )

@@ -444,3 +444,15 @@ def test_token_new_on_a_full_disk_leaves_the_tokens_file_as_it_was(
         assert captured.out == "", "no token is given out that the receiver does not know"
         assert tokens.read_bytes() == before
         assert [p.name for p in disk.iterdir()] == ["tokens"]
+
+
+def test_token_new_adds_the_hash_and_says_how_a_running_receiver_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = tmp_path / "tokens"
+    assert cli.main(["token", "new", "--sender-id", "cam9", "--tokens-file", str(tokens)]) == 0
+    captured = capsys.readouterr()
+    token = captured.out.strip()
+    assert TokenStore.load(tokens).verify("cam9", token)
+    assert "a running receiver reads it on reload (systemctl reload avd-receiver" in captured.err
+    assert token not in captured.err
