@@ -53,6 +53,7 @@ ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_unset)]
 OptionalFile = Annotated[ExistingFile | None, BeforeValidator(_empty_is_unset)]
 OptionalText = Annotated[str | None, BeforeValidator(_empty_is_unset)]
+OptionalPositive = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_empty_is_unset)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ListenPort = Annotated[int, Field(ge=0, le=65535)]  # 0: the kernel picks a free port
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -148,10 +149,10 @@ class ReceiverSettings(CommonSettings):
     segment_seconds: Annotated[float, Field(ge=1, le=3600)] = Field(
         60.0, description="length of one recording segment"
     )
-    retention_days: Annotated[float, Field(gt=0)] | None = Field(
+    retention_days: OptionalPositive = Field(
         None, description="delete segments older than this many days"
     )
-    record_max_gb: Annotated[float, Field(gt=0)] | None = Field(
+    record_max_gb: OptionalPositive = Field(
         None, description="keep the recordings folder under this many GB"
     )
     min_free_gb: Annotated[float, Field(ge=0)] | None = Field(
@@ -279,6 +280,12 @@ class SenderSettings(CommonSettings):
     spool_disk_max_mb: Annotated[int, Field(ge=1, le=1_048_576)] = Field(
         1024, description="disk cap of each stream's spool under AVD_SPOOL_DIR, in MiB"
     )
+
+    @field_validator("sender_id", mode="before")
+    @classmethod
+    def _empty_is_the_host_name(cls, value: object) -> object:
+        # AVD_SENDER_ID= (config.example.env's line, uncommented) means the default.
+        return _default_sender_id() if _empty_is_unset(value) is None else value
 
     @field_validator("sender_id")
     @classmethod

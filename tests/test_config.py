@@ -129,13 +129,16 @@ def test_an_empty_optional_setting_is_unset_and_an_empty_receiver_host_is_refuse
     clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
     clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
     clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
-    for variable in ("RECORD_DIR", "TLS_CLIENT_CA", "METRICS_ADDR", "PLAYBACK_SENDER"):
+    blank_receiver = ("RECORD_DIR", "TLS_CLIENT_CA", "METRICS_ADDR", "PLAYBACK_SENDER")
+    for variable in (*blank_receiver, "RETENTION_DAYS", "RECORD_MAX_GB"):
         clean_env.setenv(f"AVD_{variable}", " ")
     receiver = load_settings(ReceiverSettings)
     assert (receiver.record_dir, receiver.tls_client_ca) == (None, None)
     assert (receiver.metrics_addr, receiver.playback_sender) == (None, None)
+    assert (receiver.retention_days, receiver.record_max_gb) == (None, None)
     clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
-    for variable in ("SPOOL_DIR", "TOKEN_FILE", "TLS_CERT", "TLS_KEY", "TLS_SERVER_NAME"):
+    blank_sender = ("SPOOL_DIR", "TOKEN_FILE", "TLS_CERT", "TLS_KEY", "TLS_SERVER_NAME")
+    for variable in (*blank_sender, "SENDER_ID"):
         clean_env.setenv(f"AVD_{variable}", "")
     clean_env.setenv("AVD_RECEIVER_HOST", "")
     with pytest.raises(ConfigError, match=r"^AVD_RECEIVER_HOST: String should have at least 1"):
@@ -144,6 +147,11 @@ def test_an_empty_optional_setting_is_unset_and_an_empty_receiver_host_is_refuse
     sender = load_settings(SenderSettings)
     assert (sender.spool_dir, sender.token_file, sender.tls_cert, sender.tls_key) == (None,) * 4
     assert sender.server_name == "r"
+    clean_env.delenv("AVD_SENDER_ID")
+    assert sender.sender_id == load_settings(SenderSettings).sender_id  # the host name
+    clean_env.setenv("AVD_SENDER_ID", "bad id")
+    with pytest.raises(ConfigError, match=r"^AVD_SENDER_ID: 1-64 of"):
+        load_settings(SenderSettings)
 
 
 def test_a_bad_token_value_is_never_echoed(
