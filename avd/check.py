@@ -103,6 +103,8 @@ def check_receiver(settings: ReceiverSettings, report: Report) -> None:
     except ConfigError as exc:
         report.error(str(exc), "fix the file or the variable")
     check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
+    if settings.tls_client_ca is not None:  # as the daemon watches it (cli.run_receiver)
+        check_certificate(report, settings.tls_client_ca, "AVD_TLS_CLIENT_CA")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
     try:
         store = TokenStore.load(settings.tokens_file)

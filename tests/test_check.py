@@ -172,6 +172,17 @@ def test_a_readable_token_file_is_a_warning_that_calls_it_a_token(
     assert creds.tokens["cam1"] not in result.stdout
 
 
+def test_a_client_ca_near_its_end_is_a_warning_as_the_daemon_logs_it(
+    pki: CertPaths, creds: Credentials, tmp_path: Path
+) -> None:
+    soon = init_certs(tmp_path / "soon", ["localhost"], days=10)
+    env = receiver_env(pki, creds.tokens_file, AVD_TLS_CLIENT_CA=str(soon.receiver_cert))
+    result = run_check("receiver", env)
+    assert result.returncode == 2, result.stdout
+    (warning,) = [line for line in result.stdout.splitlines() if "expires in" in line]
+    assert warning.startswith(f"WARNING  AVD_TLS_CLIENT_CA: {soon.receiver_cert} expires in")
+
+
 def test_a_certificate_near_its_end_is_a_warning_with_how_to_renew_it(tmp_path: Path) -> None:
     soon = init_certs(tmp_path, ["localhost"], days=10)
     report = Report()
