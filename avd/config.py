@@ -360,8 +360,8 @@ class UnknownVariable:
 
 
 def setting_names() -> frozenset[str]:
-    """Every variable either daemon reads. A daemon knows the other's too: one env file may
-    serve both (config.example.env does), and a receiver's setting in it is no mistake."""
+    """Every variable either daemon reads. A daemon knows the other's too: config.example.env
+    documents both in one file, and a receiver's setting in a sender's file is no typo."""
     fields = [*ReceiverSettings.model_fields, *SenderSettings.model_fields]
     return frozenset(f"AVD_{name.upper()}" for name in fields)
 
