@@ -166,16 +166,18 @@ def describe_failure(kind: FailureKind, exc: BaseException | None = None) -> str
 # What to do about the usual certificate failures, by OpenSSL's X509_V_ERR_* code: its
 # messages ("unable to get local issuer certificate") do not say which setting is wrong.
 _WRONG_CA = "is AVD_TLS_CA the ca.crt of the `avd certs init` that made the receiver's?"
+_WRONG_NAME = (
+    "AVD_RECEIVER_HOST (or AVD_TLS_SERVER_NAME) must be a name or address in the receiver's "
+    "certificate: avd certs renew --hosts adds it"
+)
 _VERIFY_HINTS = {
     2: _WRONG_CA,  # unable to get issuer certificate
     18: _WRONG_CA,  # self-signed certificate
     19: _WRONG_CA,  # self-signed certificate in the chain
     20: _WRONG_CA,  # unable to get local issuer certificate
     21: _WRONG_CA,  # unable to verify the first certificate
-    62: "AVD_RECEIVER_HOST (or AVD_TLS_SERVER_NAME) must be a name or address in the "
-    "receiver's certificate: avd certs renew --hosts adds it",  # host name mismatch
-    64: "AVD_RECEIVER_HOST (or AVD_TLS_SERVER_NAME) must be a name or address in the "
-    "receiver's certificate: avd certs renew --hosts adds it",  # IP address mismatch
+    62: _WRONG_NAME,  # host name mismatch
+    64: _WRONG_NAME,  # IP address mismatch
     9: "is this machine's clock right?",  # not yet valid
     10: "renew it on the receiver's machine: avd certs renew",  # expired
 }
