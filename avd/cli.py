@@ -31,6 +31,7 @@ from avd.config import (
 )
 from avd.daemon import cancel_quietly, install_signal_handlers, keep_systemd_informed
 from avd.errors import AvdError, CertsExistError, ConfigError, ListenError
+from avd.fdlimit import connections_within, ensure_open_files, files_needed
 from avd.logs import LogEvent, log_event, setup_logging
 from avd.media.base import MediaSink
 from avd.media.done import FrameDone, OnDone
@@ -191,6 +192,20 @@ def build_speaker(settings: ReceiverSettings) -> MediaSink | None:
         return None
 
 
+def budget_open_files(settings: ReceiverSettings) -> ReceiverSettings:
+    """The settings with as many connections as this process's open files carry.
+
+    Called before the recording process starts: it inherits the raised limit.
+    """
+    budget = ensure_open_files(files_needed(settings.max_connections))
+    if budget.raised:
+        log.debug("open files: soft limit raised from %d to %d", budget.before, budget.soft)
+    if budget.enough:
+        return settings
+    log.warning("%s", budget.shortfall(settings.max_connections))
+    return settings.model_copy(update={"max_connections": connections_within(budget.soft)})
+
+
 def build_receiver_sinks(
     settings: ReceiverSettings, on_done: OnDone | None = None
 ) -> list[MediaSink]:
@@ -203,6 +218,7 @@ async def run_receiver(settings: ReceiverSettings) -> int:
     from avd.certwatch import loaded_certificates, watch_expiry  # noqa: PLC0415
     from avd.receiver import Receiver  # noqa: PLC0415 - keeps `--help` fast
 
+    settings = budget_open_files(settings)
     metrics = ReceiverMetrics()
     loop = asyncio.get_running_loop()
     receivers: list[Receiver] = []  # bound below: the recorder is built before the receiver

@@ -178,7 +178,7 @@ class ReceiverSettings(CommonSettings):
         10.0, description="close a session that sent nothing at all for this long"
     )
     max_connections: Annotated[int, Field(ge=1)] = Field(
-        1024, description="concurrent connections in total, both ports together"
+        1024, description="concurrent connections in total, both ports together (4 open files each)"
     )
     max_connections_per_ip: Annotated[int, Field(ge=1)] = Field(
         64, description="concurrent connections from one source address"

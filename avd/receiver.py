@@ -80,6 +80,7 @@ class Receiver:
         # session has sent its last acknowledgement (``sessions`` forgets it earlier).
         self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
         self._per_ip: Tally[str] = Tally()
+        self._admitted = 0  # connections past _limit_reached, not yet ended (the sum of _per_ip)
         self._handlers: set[asyncio.Task[None]] = set()
         # Handlers of connections not yet a registered session (TLS handshake, hello), with
         # their session once there is one: shutdown ends them at once, waiting for nothing.
@@ -238,11 +239,16 @@ class Receiver:
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
-    def _admit(self, ip: str) -> bool:
+    def _limit_reached(self, ip: str) -> str | None:
+        """The connection limit a new connection from ``ip`` would exceed, as its setting."""
         s = self.settings
-        if len(self._handlers) > s.max_connections:
-            return False
-        return self._per_ip[ip] < s.max_connections_per_ip
+        # Admitted connections, not handlers: a burst accepted at once has a handler for
+        # each before any of them is admitted, and would otherwise be refused whole.
+        if self._admitted >= s.max_connections:
+            return f"AVD_MAX_CONNECTIONS={s.max_connections}"
+        if self._per_ip[ip] >= s.max_connections_per_ip:
+            return f"AVD_MAX_CONNECTIONS_PER_IP={s.max_connections_per_ip}"
+        return None
 
     async def _handle(self, kind: StreamKind, sock: socket.socket, address: object) -> None:
         peer = format_peer(address)
@@ -252,18 +258,20 @@ class Receiver:
             self.metrics.locked_out_connections.inc()
             sock.close()
             return
-        if not self._admit(ip):
+        if (limit := self._limit_reached(ip)) is not None:
             self.metrics.handshake_failures.labels(reason="too-many-connections").inc()
             suppressed = self._log_throttle.admit("limit", ip, time.monotonic())
             if suppressed is not None:
                 log.warning(
-                    "refused connection from %s: too many connections%s",
+                    "refused connection from %s: too many connections (%s)%s",
                     peer,
+                    limit,
                     suppressed_note(suppressed),
                 )
             sock.close()
             return
         self._per_ip[ip] += 1
+        self._admitted += 1
         task = asyncio.current_task()
         assert task is not None  # _spawn gives each connection a task of its own
         self._establishing[task] = None
@@ -272,6 +280,7 @@ class Receiver:
         finally:
             self._establishing.pop(task, None)
             self._per_ip[ip] -= 1
+            self._admitted -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 

@@ -96,7 +96,15 @@ def metric(
 class Daemon:
     """An avd daemon running as a real subprocess, logs in a file."""
 
-    def __init__(self, role: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        role: str,
+        env: dict[str, str],
+        log_path: Path,
+        open_files: tuple[int, int] | None = None,
+    ) -> None:
+        """``open_files``: the (soft, hard) RLIMIT_NOFILE to start it with, as a unit's
+        LimitNOFILE= or a shell's ulimit -n would."""
         self.role = role
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AVD_")}
@@ -107,7 +115,11 @@ class Daemon:
         entry = "receiver_main" if role == "receiver" else "sender_main"
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"import sys; from avd.cli import {entry}; sys.exit({entry}())"],
+            [
+                sys.executable,
+                "-c",
+                _limited(open_files) + f"from avd.cli import {entry}; sys.exit({entry}())",
+            ],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -145,6 +157,14 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(5)
         self._log.close()
+
+
+def _limited(open_files: tuple[int, int] | None) -> str:
+    """Python that sets RLIMIT_NOFILE first, before anything else runs in the process."""
+    limit = (
+        "" if open_files is None else f"resource.setrlimit(resource.RLIMIT_NOFILE, {open_files}); "
+    )
+    return "import resource, sys; " + limit
 
 
 @dataclass
@@ -186,8 +206,10 @@ def receiver_env(pki: CertPaths, tokens_file: Path, **extra: str) -> dict[str, s
     return env
 
 
-def start_receiver(env: dict[str, str], log_path: Path) -> ReceiverHandle:
-    daemon = Daemon("receiver", env, log_path)
+def start_receiver(
+    env: dict[str, str], log_path: Path, open_files: tuple[int, int] | None = None
+) -> ReceiverHandle:
+    daemon = Daemon("receiver", env, log_path, open_files)
     match = daemon.wait_for_log(r"video=(\d+) audio=(\d+) metrics=(http://\S+)")
     return ReceiverHandle(daemon, int(match.group(1)), int(match.group(2)), match.group(3))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections import Counter
@@ -92,6 +93,25 @@ def test_a_frames_cluster_takes_one_read(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "pread", counting_pread)
     assert dict(ClusterScanner(path).scan()) == {1: 40}
     assert len(reads) <= 40 + 2  # a read per cluster, and the file's own headers
+
+
+def test_a_file_that_cannot_be_opened_for_now_is_scanned_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors in the recording process: the scan that finds none must not raise
+    # (it ran inside a segment's close, and the close with it), and the next one counts all.
+    path = tmp_path / "mjpeg.mkv"
+    mjpeg_like_file(path, 3)
+    scanner = ClusterScanner(path)
+    real_open = Path.open
+
+    def out_of_descriptors(self: Path, *args: object, **kwargs: object) -> object:
+        raise OSError(errno.EMFILE, "Too many open files", str(self))
+
+    monkeypatch.setattr(Path, "open", out_of_descriptors)
+    assert scanner.scan() == Counter()
+    monkeypatch.setattr(Path, "open", real_open)
+    assert dict(scanner.scan()) == {1: 3}
 
 
 @st.composite

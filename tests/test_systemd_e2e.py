@@ -26,6 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from avd.fdlimit import files_needed
 from avd.logs import LogEvent
 from tests.conftest import metric, scrape, wait_until
 from tests.nspawn import Bind, Container, booted, unavailable_reason
@@ -211,6 +212,25 @@ def assert_clean_stop(container: Container, unit: str) -> None:
     assert shown == {**expected, "ExecMainCode": "1", "ExecMainStatus": "0"}, shown
 
 
+def soft_open_files(container: Container, pid: str) -> int:
+    limits = container.run("cat", f"/proc/{pid}/limits").stdout
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def assert_open_files_for_max_connections(container: Container) -> None:
+    """systemd starts a service with a soft limit of 1024 open files: the receiver raised
+    its own for AVD_MAX_CONNECTIONS (1024: 4160), the unit's syscall filter (~@resources)
+    notwithstanding, before its recording process started, which inherits it."""
+    pid = container.show("avd-receiver", "MainPID")["MainPID"]
+    children = container.run("cat", f"/proc/{pid}/task/{pid}/children").stdout.split()
+    assert children, "no recording process under the receiver"
+    wanted = files_needed(1024)
+    assert {p: soft_open_files(container, p) for p in (pid, *children)} == dict.fromkeys(
+        (pid, *children), wanted
+    )
+
+
 def watchdog_ping_time(container: Container, unit: str) -> int:
     return int(container.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
 
@@ -290,6 +310,7 @@ def test_services_start_stream_log_and_stop(services: Installed) -> None:
     with socket.create_connection(("127.0.0.1", services.video_port), timeout=5):
         pass
     wait_streaming(services)
+    assert_open_files_for_max_connections(c)
     wait_until(lambda: status(c, "avd-receiver") == "1 sender(s): cam1", timeout=15)
     ports = f"{services.video_port}/{services.audio_port}"
     wait_until(lambda: f"streaming video+audio to 127.0.0.1:{ports}" in status(c, "avd-sender"))

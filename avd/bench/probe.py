@@ -101,15 +101,15 @@ def probe_main(argv: Sequence[str]) -> int:
     Settings come from the environment as for ``avd-receiver``; on SIGTERM it shuts down
     like the daemon and writes the probe's rows as JSON to ``argv[0]``.
     """
-    from avd.cli import build_receiver_sinks  # noqa: PLC0415
+    from avd.cli import budget_open_files, build_receiver_sinks  # noqa: PLC0415
     from avd.config import ReceiverSettings, load_settings  # noqa: PLC0415
     from avd.logs import setup_logging  # noqa: PLC0415
 
-    settings = load_settings(ReceiverSettings)
     keep_freed_memory()
+    setup_logging(role="avd-bench-probe", log_format="text", level="WARNING")
+    settings = budget_open_files(load_settings(ReceiverSettings))
     # The live view first, as the daemon puts its speaker first: the recorder's hand-off is
     # not on the path to the screen.
-    setup_logging(role="avd-bench-probe", log_format="text", level="WARNING")
     probe = ProbeSink()
     eventloop.run(
         _serve_probe(settings, [probe, *build_receiver_sinks(settings)]), settings.event_loop

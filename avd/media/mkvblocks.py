@@ -145,6 +145,10 @@ class ClusterScanner:
                 self._file = self._path.open("rb")
             except FileNotFoundError:
                 return found  # nothing muxed yet: FFmpeg creates the file at the first packet
+            except OSError:
+                # Out of descriptors for now (EMFILE), say: tried again at the next scan. What
+                # the file holds meanwhile is only reported later, never lost.
+                return found
         status = os.fstat(self._file.fileno())
         if status.st_nlink == 0:
             self.unlinked = True
