@@ -2,12 +2,14 @@
 # Install (or remove) the avd daemons as systemd services.
 #
 #   deploy/install.sh [--prefix /opt/avd] [--from <source dir or wheel>] [--no-venv]
+#                     [--no-restart]
 #   deploy/install.sh --uninstall [--prefix /opt/avd]
 #
 # Install: a virtualenv in the prefix with avd pip-installed into it, the two units in
 # /etc/systemd/system, and /etc/avd/{sender,receiver}.env from the examples -- only where
 # none exists yet: an operator's configuration is never overwritten. Running it again
-# upgrades avd and the units and changes nothing else.
+# upgrades avd and the units and changes nothing else; the services already running are
+# restarted onto the new version (unless --no-restart), as a package upgrade does.
 # Uninstall: stops and removes the units and the prefix; keeps /etc/avd (configuration,
 # tokens, keys) and /var/lib/avd (recordings).
 #
@@ -28,10 +30,11 @@ PREFIX="$DEFAULT_PREFIX"
 SOURCE="$(dirname "$HERE")"
 ACTION=install
 WITH_VENV=1
+RESTART=1
 ROLES=(sender receiver)
 
 usage() {
-    sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
     exit "${1:-0}"
 }
 
@@ -50,6 +53,7 @@ parse_args() {
             --from) [ $# -ge 2 ] || die "--from needs a directory or a wheel"; SOURCE="$2"; shift ;;
             --uninstall) ACTION=uninstall ;;
             --no-venv) WITH_VENV=0 ;;
+            --no-restart) RESTART=0 ;;
             -h|--help) usage 0 ;;
             *) printf 'avd-install: unknown argument: %s\n' "$1" >&2; usage 2 >&2 ;;
         esac
@@ -147,6 +151,23 @@ reload_systemd() {
     fi
 }
 
+# A running daemon would otherwise go on with the old code, and import new modules into it
+# the first time it needs one (Python imports lazily): restart what runs, start nothing.
+restart_running() {
+    local role
+    systemd_running || return 0
+    for role in "${ROLES[@]}"; do
+        systemctl is-active --quiet "avd-$role.service" || continue
+        if [ "$RESTART" -eq 0 ]; then
+            say "avd-$role.service runs the previous version until restarted (--no-restart)"
+        elif systemctl restart "avd-$role.service"; then
+            say "restarted avd-$role.service onto the new version"
+        else
+            die "avd-$role.service did not start again: journalctl -u avd-$role.service"
+        fi
+    done
+}
+
 do_install() {
     [ -n "$ROOT" ] || [ "$(id -u)" -eq 0 ] || die "run as root (or set AVD_INSTALL_ROOT)"
     if [ "$WITH_VENV" -eq 1 ]; then
@@ -158,6 +179,7 @@ do_install() {
     install_units
     install_config
     reload_systemd
+    restart_running
     say "next: put secrets in /etc/avd (sender.token, receiver.key: mode 0600), then"
     say "      systemctl enable --now avd-receiver.service (or avd-sender.service)"
 }

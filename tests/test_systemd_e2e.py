@@ -359,6 +359,34 @@ def test_killed_receiver_is_restarted_and_the_sender_streams_again(services: Ins
     assert c.show("avd-sender", "MainPID", "NRestarts") == sender_before
 
 
+def test_installing_again_restarts_what_runs_onto_the_new_version(services: Installed) -> None:
+    """An upgrade is install.sh run again. A daemon left running would go on with the old
+    code and import new modules into it the first time it needed one: what runs is
+    restarted, what is stopped stays stopped, and the configuration is kept."""
+    c = services.container
+    c.systemctl("start", "avd-receiver", timeout=60)
+    before = c.show("avd-receiver", "MainPID")["MainPID"]
+    config = c.host_path("/etc/avd/receiver.env").read_text()
+
+    result = c.run(f"{SOURCE}/deploy/install.sh", env=pip_environment(), timeout=480)
+
+    assert "restarted avd-receiver.service onto the new version" in result.stdout, result.stdout
+    assert "restarted avd-sender" not in result.stdout
+    now = c.show("avd-receiver", "MainPID", "ActiveState")
+    assert now["ActiveState"] == "active"
+    assert now["MainPID"] not in ("0", before)
+    assert c.show("avd-sender", "ActiveState")["ActiveState"] == "inactive"
+    assert c.host_path("/etc/avd/receiver.env").read_text() == config
+    c.systemctl("start", "avd-sender", timeout=60)
+    wait_streaming(services)
+
+    result = c.run(
+        f"{SOURCE}/deploy/install.sh", "--no-venv", "--no-restart", env=pip_environment()
+    )
+    assert "avd-receiver.service runs the previous version until restarted" in result.stdout
+    assert c.show("avd-receiver", "MainPID")["MainPID"] == now["MainPID"]
+
+
 @pytest.mark.parametrize(
     ("unit", "line", "said"),
     [
