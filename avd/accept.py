@@ -17,6 +17,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,6 +26,8 @@ log = logging.getLogger("avd.receiver")
 # After an accept error (typically out of descriptors): a pause, as asyncio's own servers
 # make, so that the loop does not spin on a listening socket that stays readable.
 RESOURCE_PAUSE_S = 1.0
+# While the errors last, one line this often rather than one a pause (86,400 a day).
+RESOURCE_LOG_EVERY_S = 60.0
 BACKLOG = 512  # the receiver is built for hundreds of senders reconnecting at once
 
 Accepted = Callable[[socket.socket, object], None]
@@ -69,6 +72,8 @@ class Acceptor:
         self._accepted = accepted
         self._loop = asyncio.get_running_loop()
         self._resume: asyncio.TimerHandle | None = None
+        # While accepting fails: since when, when it was last logged, and the pauses made.
+        self._outage: tuple[float, float, int] | None = None
         self._loop.add_reader(listener.fileno(), self._accept_waiting)
 
     def _accept_waiting(self) -> None:
@@ -77,21 +82,46 @@ class Acceptor:
             try:
                 sock, address = self._listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
+                break
             except OSError as exc:
                 # Out of descriptors or memory for now (EMFILE, ENFILE, ENOBUFS, ENOMEM) or
                 # something stranger: either way, pausing beats spinning on the error.
-                log.error(
-                    "cannot accept connections on %s: %s; pausing %.0f s",
-                    _address_text(self._listener.getsockname()),
-                    exc.strerror or exc,
-                    RESOURCE_PAUSE_S,
-                )
-                self._loop.remove_reader(self._listener.fileno())
-                self._resume = self._loop.call_later(RESOURCE_PAUSE_S, self._listen_again)
+                self._pause(exc)
                 return
+            self._over()
             sock.setblocking(False)
             self._accepted(sock, address)
+        self._over()
+
+    def _pause(self, exc: OSError) -> None:
+        now, where = time.monotonic(), _address_text(self._listener.getsockname())
+        if self._outage is None:
+            self._outage = (now, now, 0)
+            log.error(
+                "cannot accept connections on %s: %s; trying again every %.0f s (said again "
+                "once a minute while it lasts)",
+                *(where, exc.strerror or exc, RESOURCE_PAUSE_S),
+            )
+        since, logged, pauses = self._outage
+        if now - logged >= RESOURCE_LOG_EVERY_S:
+            logged = now
+            log.error(
+                "still cannot accept connections on %s: %s (for %.0f s, %d tries)",
+                *(where, exc.strerror or exc, now - since, pauses + 1),
+            )
+        self._outage = (since, logged, pauses + 1)
+        self._loop.remove_reader(self._listener.fileno())
+        self._resume = self._loop.call_later(RESOURCE_PAUSE_S, self._listen_again)
+
+    def _over(self) -> None:
+        if self._outage is not None:
+            since = self._outage[0]
+            self._outage = None
+            log.info(
+                "accepting connections on %s again after %.1f s",
+                _address_text(self._listener.getsockname()),
+                time.monotonic() - since,
+            )
 
     def _listen_again(self) -> None:
         self._resume = None

@@ -242,8 +242,8 @@ def test_a_port_in_use_is_an_error_and_leaves_nothing_open() -> None:
 class _RunsOutOfDescriptors:
     """A listening socket whose next ``accept`` fails as when the process hits its fd limit."""
 
-    def __init__(self, real: socket.socket) -> None:
-        self.real, self.failures = real, 1
+    def __init__(self, real: socket.socket, failures: int = 1) -> None:
+        self.real, self.failures = real, failures
         self.calls: list[tuple[float, bool]] = []  # (when, failed)
 
     def fileno(self) -> int:
@@ -288,3 +288,40 @@ def test_an_accept_error_pauses_and_is_logged_then_accepting_resumes(
     (record,) = [r for r in caplog.records if "cannot accept" in r.getMessage()]
     assert "Too many open files" in record.getMessage()
     assert "127.0.0.1 port" in record.getMessage()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_lasting_accept_error_is_logged_once_a_while_then_its_end(
+    loop: EventLoopName, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Out of descriptors for hours was an error line every second. Now: the first error,
+    # one line per RESOURCE_LOG_EVERY_S while it lasts, and one when accepting works again.
+    monkeypatch.setattr(accept, "RESOURCE_PAUSE_S", 0.02)
+    monkeypatch.setattr(accept, "RESOURCE_LOG_EVERY_S", 0.5)
+    failures = 30
+    calls: list[tuple[float, bool]] = []
+
+    async def main() -> None:
+        (real,) = await accept.open_listeners("127.0.0.1", 0)
+        listener = _RunsOutOfDescriptors(real, failures)
+        accepted: asyncio.Queue[socket.socket] = asyncio.Queue()
+        acceptor = accept.Acceptor(listener, lambda sock, _: accepted.put_nowait(sock))  # type: ignore[arg-type]
+        with socket.create_connection(real.getsockname()):
+            sock = await asyncio.wait_for(accepted.get(), 20)
+            sock.close()
+        acceptor.close()
+        calls.extend(listener.calls)
+
+    with caplog.at_level(logging.INFO, logger="avd.receiver"):
+        on(loop, main)
+    assert [failed for _, failed in calls[: failures + 1]] == [True] * failures + [False]
+    lasted = calls[failures - 1][0] - calls[0][0]  # at least 29 pauses of 0.02 s
+    messages = [r.getMessage() for r in caplog.records]
+    first = [m for m in messages if m.startswith("cannot accept")]
+    again = [m for m in messages if m.startswith("still cannot accept")]
+    over = [m for m in messages if m.startswith("accepting connections on 127.0.0.1 port")]
+    assert len(first) == 1
+    assert 1 <= len(again) <= lasted / 0.5 + 1  # not one a pause (29)
+    assert all("Too many open files" in m and "tries)" in m for m in again)
+    assert len(over) == 1
+    assert "again after" in over[0]
