@@ -9,7 +9,8 @@ and reconnects for ever:
   Blog's "Exponential Backoff And Jitter"): the random half spreads senders that lost the
   same receiver, the fixed half keeps a floor so a retry is never near-immediate;
 - a refused token or an untrusted certificate will not fix itself in half a second, so
-  those retry at the cap, and the escalation stays there for whatever comes next;
+  those retry at the cap, and the escalation stays there for whatever comes next; a refused
+  token waits at least ``AUTH_RETRY_S`` (45 s), so as not to lock itself out (below);
 - a failure before the receiver's welcome escalates: a receiver that accepts and drops at
   once (or a network that does) must not put us in a tight loop;
 - a welcomed session resets the escalation when it ends because the receiver went away
@@ -49,6 +50,14 @@ class FailureKind(enum.Enum):
 
 # Failures a retry cannot fix until someone changes a file: retried at the cap.
 SLOW_RETRY = frozenset({FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY})
+
+# A refused token is retried no sooner than this, whatever the cap: a sender's two streams
+# then fail at most 4 times in any minute, under the receiver's default lockout (5 failed
+# authentications from one address within 60 s refuse it for 10 minutes, AVD_AUTH_*).
+# At the 10 s cap, a sender with a wrong token locked its address out within 20 s: it was
+# refused for 10 minutes more after its token was put right, and so was every other
+# sender behind that address (a NAT, an office).
+AUTH_RETRY_S = 45.0
 
 # How a welcomed session ends when the receiver went away (killed, restarted, unplugged)
 # rather than turned us away: such an end resets the escalation, however short the session.
@@ -93,6 +102,8 @@ class Backoff:
         self.attempts += 1
         if failure in SLOW_RETRY:
             self._base = self.cap_s
+            if failure is FailureKind.AUTH_REFUSED:
+                return max(self.cap_s, AUTH_RETRY_S)
             return self.cap_s
         if failure is FailureKind.NOT_LISTENING:
             return min(self.cap_s, self._rng.uniform(self.first_s / 2, self.first_s))
@@ -147,7 +158,7 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
 def describe_failure(kind: FailureKind, exc: BaseException | None = None) -> str:
     """A short phrase for the log line. Never includes a token (nor the AuthError text)."""
     if kind is FailureKind.AUTH_REFUSED:
-        return "token refused by the receiver"
+        return f"token refused by the receiver ({REFUSED_HELLO_HINT})"
     if kind is FailureKind.TLS_VERIFY:
         return _describe_tls(exc)
     if kind in (FailureKind.REFUSED, FailureKind.NOT_LISTENING):
@@ -162,6 +173,13 @@ def describe_failure(kind: FailureKind, exc: BaseException | None = None) -> str
         return _with_detail("receiver broke the protocol", exc)
     return _with_detail("session ended", exc)
 
+
+# What to do about a refused token: the receiver never says why (a wrong id, a wrong token,
+# a token it has not reloaded), so the sender names all three.
+REFUSED_HELLO_HINT = (
+    "check AVD_SENDER_ID, and that the receiver's tokens file has this token's hash and was "
+    "reloaded since"
+)
 
 # What to do about the usual certificate failures, by OpenSSL's X509_V_ERR_* code: its
 # messages ("unable to get local issuer certificate") do not say which setting is wrong.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avd import eventloop, protocol
-from avd.backoff import verify_hint
+from avd.backoff import REFUSED_HELLO_HINT, verify_hint
 from avd.certs import EXPIRY_WARNING_DAYS, seconds_until_expiry
 from avd.certwatch import renewal_remedy
 from avd.clock import monotonic_us
@@ -216,7 +216,7 @@ async def probe_receiver(
         else:
             report.error(
                 f"the receiver refused sender {settings.sender_id!r}",
-                "check AVD_SENDER_ID and that the receiver's tokens file has this token's hash",
+                REFUSED_HELLO_HINT,
             )
     except (OSError, TimeoutError, AvdError) as exc:
         report.error(

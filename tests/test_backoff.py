@@ -24,8 +24,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from avd import certs
-from avd.backoff import RECEIVER_GONE, SLOW_RETRY, Backoff, FailureKind, classify, describe_failure
+from avd.backoff import (
+    AUTH_RETRY_S,
+    RECEIVER_GONE,
+    SLOW_RETRY,
+    Backoff,
+    FailureKind,
+    classify,
+    describe_failure,
+)
 from avd.certs import CertPaths, init_certs
+from avd.config import ReceiverSettings, SenderSettings
 from avd.errors import AuthError, FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from avd.tls import receiver_context, sender_context
 
@@ -89,11 +98,13 @@ def test_default_rng_stays_in_bounds() -> None:
     assert 0.25 <= backoff.next_delay(FailureKind.REFUSED) <= 0.5
 
 
-@pytest.mark.parametrize("failure", [FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY])
-def test_refused_token_or_bad_certificate_retries_at_the_cap(failure: FailureKind) -> None:
+@pytest.mark.parametrize(
+    ("failure", "wait"), [(FailureKind.AUTH_REFUSED, AUTH_RETRY_S), (FailureKind.TLS_VERIFY, 10.0)]
+)
+def test_refused_token_or_bad_certificate_retries_slowly(failure: FailureKind, wait: float) -> None:
     backoff = Backoff(cap_s=10.0, rng=random.Random(3))
-    assert backoff.next_delay(failure) == 10.0  # straight to the cap, never a tight loop
-    assert backoff.next_delay(failure) == 10.0
+    assert backoff.next_delay(failure) == wait  # straight to the cap or more, never a tight loop
+    assert backoff.next_delay(failure) == wait
     # Whatever comes next stays slow: the escalation is at the cap now.
     assert 5.0 <= backoff.next_delay(FailureKind.REFUSED) <= 10.0
     assert backoff.attempts == 3
@@ -219,6 +230,10 @@ def test_any_sequence_keeps_every_delay_within_bounds(
             fresh = fresh or resets
             continue
         delay = backoff.next_delay(step)
+        if step is FailureKind.AUTH_REFUSED:
+            assert delay == max(cap, AUTH_RETRY_S)
+            fresh = False
+            continue
         assert min(first, cap) / 2 <= delay <= cap
         if step in SLOW_RETRY:
             assert delay == cap
@@ -284,7 +299,9 @@ def test_descriptions_say_what_happened(exc: BaseException, phrase: str) -> None
 
 def test_auth_description_never_repeats_the_error_text() -> None:
     exc = AuthError("token tk_SECRET_VALUE refused")  # even if some code put one there
-    assert describe_failure(classify(exc), exc) == "token refused by the receiver"
+    said = describe_failure(classify(exc), exc)
+    assert said.startswith("token refused by the receiver (check AVD_SENDER_ID")
+    assert "SECRET" not in said
 
 
 def test_session_lost_description_with_and_without_a_cause() -> None:
@@ -433,3 +450,21 @@ def test_a_receiver_that_is_not_listening_is_retried_steadily_without_escalation
 def test_not_listening_never_exceeds_a_small_cap() -> None:
     backoff = Backoff(first_s=0.5, cap_s=0.6, rng=random.Random(3))
     assert all(backoff.next_delay(FailureKind.NOT_LISTENING) <= 0.6 for _ in range(20))
+
+
+def test_a_refused_token_never_trips_the_receivers_default_lockout() -> None:
+    """Both streams of a sender with a wrong token, retrying as the backoff says: in no
+    60 s window do they fail AVD_AUTH_MAX_FAILURES (5) times, the receiver's defaults."""
+    defaults = ReceiverSettings.model_fields
+    max_failures = defaults["auth_max_failures"].default
+    window_s = defaults["auth_window_s"].default
+    failures: list[float] = []
+    cap = SenderSettings.model_fields["reconnect_max_s"].default
+    for _stream in ("video", "audio"):
+        backoff, now = Backoff(cap_s=cap), 0.0
+        for _ in range(40):
+            failures.append(now)
+            now += backoff.next_delay(FailureKind.AUTH_REFUSED)
+    failures.sort()
+    most = max(sum(1 for t in failures if start <= t < start + window_s) for start in failures)
+    assert most < max_failures
