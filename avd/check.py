@@ -35,7 +35,7 @@ from avd.config import (
     load_settings,
     unknown_variables,
 )
-from avd.errors import AvdError, ConfigError
+from avd.errors import AvdError, ConfigError, DeviceError
 from avd.media.base import StreamKind
 from avd.protocol import Role
 from avd.tls import key_permission_problems, receiver_context, sender_context
@@ -118,6 +118,32 @@ def check_receiver(settings: ReceiverSettings, report: Report) -> None:
         report.error(str(exc), "fix that line")
     if settings.record_dir is not None:
         check_record_dir(report, settings)
+    if settings.playback != "none":
+        check_playback(report, settings.playback)
+
+
+def check_playback(report: Report, spec: str) -> None:
+    """The speaker AVD_PLAYBACK names exists. Not opened: a running receiver may hold it,
+    and a device that is missing is what a fresh installation gets wrong."""
+    from avd.media.pa import find_device, open_pyaudio  # noqa: PLC0415 - PyAudio loads slowly
+
+    pa = open_pyaudio()
+    try:
+        index = find_device(pa, spec, input=False)
+        info = (
+            pa.get_default_output_device_info()
+            if index is None
+            else pa.get_device_info_by_index(index)
+        )
+        report.ok(f"AVD_PLAYBACK: {spec!r} is the audio device {info['name']!r}")
+    except (DeviceError, OSError) as exc:
+        report.warn(
+            f"AVD_PLAYBACK: {spec!r}: {exc}",
+            "AVD_PLAYBACK=none for no speaker, or a device avd devices lists (the streams "
+            "are received and recorded either way)",
+        )
+    finally:
+        pa.terminate()
 
 
 def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
@@ -166,13 +192,20 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
         check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
     check_key(report, settings.token_file, "AVD_TOKEN_FILE", "token")
-    kind = StreamKind.AUDIO if settings.video_source == "none" else StreamKind.VIDEO
+    streams = [
+        kind
+        for kind, source in (
+            (StreamKind.VIDEO, settings.video_source),
+            (StreamKind.AUDIO, settings.audio_source),
+        )
+        if source != "none"
+    ]
     eventloop.run(
-        probe_receiver(
+        probe_streams(
             settings,
+            streams,
             context=context,
             token=token.as_bytes(),
-            kind=kind,
             report=report,
             timeout_s=timeout_s,
         ),
@@ -180,17 +213,44 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
     )
 
 
+async def probe_streams(
+    settings: SenderSettings,
+    streams: list[StreamKind],
+    *,
+    context: ssl.SSLContext,
+    token: bytes,
+    report: Report,
+    timeout_s: float,
+) -> None:
+    """Each stream's port as the sender will use it: TLS, then a probe hello. After one
+    refusal the other stream's hello is not sent: each refusal counts toward the lockout
+    of this address (AVD_AUTH_MAX_FAILURES), and the second would say nothing new."""
+    refused = False
+    for kind in streams:
+        answer = await probe_receiver(
+            settings,
+            context=context,
+            token=None if refused else token,
+            kind=kind,
+            report=report,
+            timeout_s=timeout_s,
+        )
+        refused = refused or answer is False
+
+
 async def probe_receiver(
     settings: SenderSettings,
     *,
     context: ssl.SSLContext,
-    token: bytes,
+    token: bytes | None,
     kind: StreamKind,
     report: Report,
     timeout_s: float,
-) -> None:
+) -> bool | None:
+    """True if the receiver welcomed the hello, False if it refused it, None otherwise
+    (unreachable, no answer, or no hello sent: ``token`` None)."""
     port = settings.video_port if kind is StreamKind.VIDEO else settings.audio_port
-    where = join_host_port(settings.receiver_host, port)
+    where = f"{join_host_port(settings.receiver_host, port)} ({kind.label})"
     started = monotonic_us()
     try:
         async with asyncio.timeout(timeout_s):
@@ -199,33 +259,56 @@ async def probe_receiver(
             )
     except (OSError, TimeoutError) as exc:
         report.error(f"cannot reach the receiver at {where}: {_reason(exc)}", _network_remedy(exc))
-        return
+        return None
     handshake_ms = (monotonic_us() - started) / 1000
     version = writer.get_extra_info("ssl_object").version()
     report.ok(f"TLS with {where}: {version}, certificate verified, {handshake_ms:.0f} ms")
-    fmt = settings.video_format if kind is StreamKind.VIDEO else settings.audio_format
-    conn = protocol.Connection(Role.SENDER)
-    hello = protocol.Hello(settings.sender_id, kind, fmt, token, probe=True)
     try:
-        writer.write(conn.send(hello))
-        async with asyncio.timeout(timeout_s):
-            answer = await _first_answer(reader, conn)
-        if isinstance(answer, protocol.Welcome):
-            report.ok(f"the receiver accepted sender {settings.sender_id!r} and its token")
-            writer.write(conn.send(protocol.Goodbye(protocol.GoodbyeReason.BYE, "avd check")))
-        else:
-            report.error(
-                f"the receiver refused sender {settings.sender_id!r}",
-                REFUSED_HELLO_HINT,
-            )
+        if token is None:
+            return None  # the token was refused on the other stream already
+        return await _say_hello(
+            settings,
+            kind,
+            token=token,
+            reader=reader,
+            writer=writer,
+            report=report,
+            timeout_s=timeout_s,
+        )
     except (OSError, TimeoutError, AvdError) as exc:
         report.error(
             f"no answer to the hello from {where}: {_reason(exc)}", "check the receiver's log"
         )
+        return None
     finally:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+async def _say_hello(
+    settings: SenderSettings,
+    kind: StreamKind,
+    *,
+    token: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    report: Report,
+    timeout_s: float,
+) -> bool:
+    fmt = settings.video_format if kind is StreamKind.VIDEO else settings.audio_format
+    conn = protocol.Connection(Role.SENDER)
+    writer.write(conn.send(protocol.Hello(settings.sender_id, kind, fmt, token, probe=True)))
+    async with asyncio.timeout(timeout_s):
+        answer = await _first_answer(reader, conn)
+    if isinstance(answer, protocol.Welcome):
+        report.ok(
+            f"the receiver accepted sender {settings.sender_id!r} and its token ({kind.label})"
+        )
+        writer.write(conn.send(protocol.Goodbye(protocol.GoodbyeReason.BYE, "avd check")))
+        return True
+    report.error(f"the receiver refused sender {settings.sender_id!r}", REFUSED_HELLO_HINT)
+    return False
 
 
 async def _first_answer(reader: asyncio.StreamReader, conn: protocol.Connection) -> protocol.Event:

@@ -50,9 +50,9 @@ _FORMATS = ("auto", "text", "json", "journal")
 class CloseReason(StrEnum):
     """Why a connection ended, as written in the connection log's ``close_reason``.
 
-    Only sessions that got past the TLS handshake are logged as closed: a connection refused
-    before it (a locked-out address, too many from one address) is counted in the metrics
-    and logged, rate-limited, as a refusal.
+    A connection refused before its TLS handshake (a locked-out address, too many
+    connections) has no close line: it is counted in the metrics and logged, rate-limited,
+    as a refusal. One whose handshake failed has one (``tls-error``), rate-limited too.
     """
 
     BYE = "bye"

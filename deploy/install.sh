@@ -80,6 +80,29 @@ check_source() {
     esac
 }
 
+# What pip needs to build avd's dependencies with the distribution's Python: PyAudio has no
+# Linux wheel and compiles against portaudio.h. Checked by file, not by dpkg, so that a
+# system whose /usr has them by other means is left alone; what is missing is installed
+# with apt-get where there is one, or named.
+install_build_deps() {
+    local python="${AVD_PYTHON:-/usr/bin/python3}" include compiler missing=()
+    include="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    # The compiler this Python builds extensions with (x86_64-linux-gnu-gcc on Debian).
+    compiler="$("$python" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')"
+    "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+    [ -f "$include/Python.h" ] || missing+=(python3-dev)
+    [ -f /usr/include/portaudio.h ] || missing+=(portaudio19-dev)
+    command -v "$compiler" >/dev/null || missing+=(gcc)
+    [ ${#missing[@]} -gt 0 ] || return 0
+    if [ -z "$ROOT" ] && command -v apt-get >/dev/null; then
+        say "installing ${missing[*]} (to build PyAudio in the virtualenv)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
+            || die "apt-get could not install ${missing[*]}"
+    else
+        die "missing ${missing[*]} (Debian's names): install them, then run this again"
+    fi
+}
+
 install_venv() {
     local venv="$ROOT$PREFIX" python="${AVD_PYTHON:-/usr/bin/python3}"
     if [ -x "$venv/bin/python" ]; then
@@ -172,6 +195,7 @@ do_install() {
     [ -n "$ROOT" ] || [ "$(id -u)" -eq 0 ] || die "run as root (or set AVD_INSTALL_ROOT)"
     if [ "$WITH_VENV" -eq 1 ]; then
         check_source
+        install_build_deps
         install_venv
     else
         say "--no-venv: left $ROOT$PREFIX alone"

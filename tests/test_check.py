@@ -13,6 +13,7 @@ import pytest
 from avd.certs import CertPaths, init_certs
 from avd.check import Report, check_certificate
 
+from .alsa.alsa_env import PLAYBACK_DEVICE, AlsaDevices
 from .conftest import (
     Credentials,
     Daemon,
@@ -87,6 +88,24 @@ def test_a_misspelt_variable_is_a_warning_with_the_setting_it_may_have_meant(
     ) in result.stdout.splitlines()
 
 
+def test_the_speaker_is_looked_for_and_one_not_found_is_a_warning(
+    pki: CertPaths, creds: Credentials, alsa: AlsaDevices
+) -> None:
+    # A receiver whose speaker is missing records all the same, but says so only when the
+    # first audio arrives: the check says it before.
+    base = receiver_env(pki, creds.tokens_file) | alsa.env()
+    found = run_check("receiver", base | {"AVD_PLAYBACK": PLAYBACK_DEVICE})
+    assert found.returncode == 0, found.stdout
+    assert f"ok       AVD_PLAYBACK: '{PLAYBACK_DEVICE}' is the audio device" in found.stdout
+    missing = run_check("receiver", base | {"AVD_PLAYBACK": "no-such-speaker"})
+    assert missing.returncode == 2, missing.stdout
+    assert (
+        "WARNING  AVD_PLAYBACK: 'no-such-speaker': no output audio device matches "
+        "'no-such-speaker': choose one of: "
+    ) in missing.stdout
+    assert "-> AVD_PLAYBACK=none for no speaker, or a device avd devices lists" in missing.stdout
+
+
 def test_a_bad_setting_is_an_error_naming_it(pki: CertPaths, creds: Credentials) -> None:
     result = run_check("receiver", receiver_env(pki, creds.tokens_file, AVD_VIDEO_PORT="x"))
     assert result.returncode == 1
@@ -128,6 +147,25 @@ def test_a_wrong_token_and_an_absent_receiver_are_errors_with_remedies(
     assert absent.returncode == 1
     assert "cannot reach the receiver" in absent.stdout
     assert "is avd-receiver running" in absent.stdout
+
+
+def test_both_streams_ports_are_checked_and_a_refused_token_is_tried_once(
+    pki: CertPaths, creds: Credentials, receiver: ReceiverHandle
+) -> None:
+    # It checked one port only: a wrong AVD_AUDIO_PORT passed as "all is well".
+    bad_audio = sender_env(pki, receiver, "cam1", creds.tokens["cam1"], AVD_AUDIO_PORT="1")
+    result = run_check("sender", bad_audio)
+    assert result.returncode == 1
+    assert "accepted sender 'cam1' and its token (video)" in result.stdout
+    assert "cannot reach the receiver at 127.0.0.1:1 (audio)" in result.stdout
+
+    # A wrong token: both ports reached, one hello refused (each counts toward a lockout).
+    before = metric(receiver.metrics(), "avd_auth_failures_total")
+    wrong = run_check("sender", sender_env(pki, receiver, "cam1", "z" * 43))
+    assert wrong.returncode == 1
+    assert f"TLS with 127.0.0.1:{receiver.audio_port} (audio)" in wrong.stdout
+    assert wrong.stdout.count("refused sender 'cam1'") == 1
+    assert metric(receiver.metrics(), "avd_auth_failures_total") == before + 1
 
 
 def test_an_untrusted_receiver_certificate_says_which_setting_to_change(

@@ -302,3 +302,19 @@ def test_install_with_venv_then_verify_and_uninstall(tmp_path: Path) -> None:
     assert "kept the virtualenv" in run_install(tmp_path, AVD_PIP_ARGS="--no-deps").stdout
     assert run_install(tmp_path, "--uninstall").returncode == 0
     assert not venv.exists()
+
+
+def test_install_names_the_build_packages_it_lacks_and_writes_nothing(tmp_path: Path) -> None:
+    """A Python without ensurepip (Debian's without python3-venv) and no apt-get to run
+    (a staging root): named, in Debian's words, before anything is written."""
+    python = tmp_path / "bin/python3"
+    python.parent.mkdir()
+    python.write_text(
+        '#!/bin/sh\n[ "$2" = "import ensurepip" ] && exit 1\nexec /usr/bin/python3 "$@"\n'
+    )
+    python.chmod(0o755)
+    root = tmp_path / "root"
+    result = run_install(root, AVD_PYTHON=str(python))
+    assert result.returncode == 1
+    assert "missing python3-venv (Debian's names): install them" in result.stderr
+    assert not root.exists()
