@@ -123,27 +123,71 @@ def check_receiver(settings: ReceiverSettings, report: Report) -> None:
 
 
 def check_playback(report: Report, spec: str) -> None:
-    """The speaker AVD_PLAYBACK names exists. Not opened: a running receiver may hold it,
-    and a device that is missing is what a fresh installation gets wrong."""
+    """The speaker AVD_PLAYBACK names exists."""
+    check_audio_device(
+        report,
+        f"AVD_PLAYBACK: {spec!r}",
+        spec,
+        input=False,
+        remedy="AVD_PLAYBACK=none for no speaker, or a device avd devices lists (the streams "
+        "are received and recorded either way)",
+    )
+
+
+def check_audio_device(report: Report, what: str, device: str, *, input: bool, remedy: str) -> None:
+    """The audio device ``device`` ("default", an index or a name) exists. Not opened: a
+    running daemon may hold it, and a device that is missing is what a fresh installation
+    gets wrong."""
     from avd.media.pa import find_device, open_pyaudio  # noqa: PLC0415 - PyAudio loads slowly
 
     pa = open_pyaudio()
     try:
-        index = find_device(pa, spec, input=False)
-        info = (
-            pa.get_default_output_device_info()
-            if index is None
-            else pa.get_device_info_by_index(index)
-        )
-        report.ok(f"AVD_PLAYBACK: {spec!r} is the audio device {info['name']!r}")
+        index = find_device(pa, device, input=input)
+        if index is not None:
+            info = pa.get_device_info_by_index(index)
+        elif input:
+            info = pa.get_default_input_device_info()
+        else:
+            info = pa.get_default_output_device_info()
+        report.ok(f"{what} is the audio device {info['name']!r}")
     except (DeviceError, OSError) as exc:
-        report.warn(
-            f"AVD_PLAYBACK: {spec!r}: {exc}",
-            "AVD_PLAYBACK=none for no speaker, or a device avd devices lists (the streams "
-            "are received and recorded either way)",
-        )
+        report.warn(f"{what}: {exc}", remedy)
     finally:
         pa.terminate()
+
+
+def check_sources(report: Report, settings: SenderSettings) -> None:
+    """The camera and microphone (or files) the sender would open are there. A missing one
+    does not stop the sender, which retries it and streams the other: hence warnings."""
+    from avd.media.mic import parse_mic_spec  # noqa: PLC0415
+    from avd.media.video import video_source_problem  # noqa: PLC0415 - loads cv2
+
+    video = settings.video_source
+    if (problem := video_source_problem(video)) is not None:
+        where = "fix the path" if problem == "no such file" else "avd devices lists the cameras"
+        report.warn(
+            f"AVD_VIDEO_SOURCE: {video}: {problem}",
+            f"{where} (the sender starts anyway and retries it)",
+        )
+    audio = settings.audio_source
+    if audio == "mic" or audio.startswith("mic:"):
+        try:
+            device = parse_mic_spec(audio)
+        except ValueError as exc:  # the sender stops on it (exit 78)
+            report.error(f"AVD_AUDIO_SOURCE: {exc}", "mic, or mic:<index or name>")
+            return
+        check_audio_device(
+            report,
+            f"AVD_AUDIO_SOURCE: {audio!r}",
+            device,
+            input=True,
+            remedy="avd devices lists the microphones (the sender starts anyway and retries it)",
+        )
+    elif audio.lower().endswith(".wav") and not os.access(audio, os.R_OK):
+        report.warn(
+            f"AVD_AUDIO_SOURCE: {audio}: no such file, or not readable",
+            "fix the path (the sender starts anyway and retries it)",
+        )
 
 
 def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
@@ -192,6 +236,7 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
         check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
     check_key(report, settings.token_file, "AVD_TOKEN_FILE", "token")
+    check_sources(report, settings)
     streams = [
         kind
         for kind, source in (

@@ -28,6 +28,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -294,6 +295,13 @@ class SenderSettings(CommonSettings):
             raise ValueError("1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
         return value
 
+    @model_validator(mode="after")
+    def _something_to_send(self) -> SenderSettings:
+        # Here rather than when the sources open: `avd check sender` says it too.
+        if self.video_source == "none" and self.audio_source == "none":
+            raise ValueError("AVD_VIDEO_SOURCE and AVD_AUDIO_SOURCE are both none: nothing to send")
+        return self
+
     @property
     def video_format(self) -> VideoFormat:
         return VideoFormat(self.width, self.height, self.fps, self.jpeg_quality)
@@ -315,9 +323,11 @@ _SECRET_FIELDS = frozenset({"token"})
 
 def _describe(error: Any) -> str:
     """One line for one pydantic error: ``AVD_FPS: Input should be ... (got 'abc')``."""
-    field = str(error["loc"][0]) if error.get("loc") else "?"
-    variable = f"AVD_{field.upper()}"
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if not error.get("loc"):  # a check of several settings together names them itself
+        return message
+    field = str(error["loc"][0])
+    variable = f"AVD_{field.upper()}"
     if error.get("type") == "missing":
         return f"{variable}: required but not set"
     if field in _SECRET_FIELDS:

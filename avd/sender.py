@@ -94,9 +94,7 @@ def build_sources(settings: SenderSettings) -> list[MediaSource]:
         raise ConfigError(f"AVD_AUDIO_SOURCE: {exc}") from None
     if audio is not None:
         sources.append(audio)
-    if not sources:
-        raise ConfigError("AVD_VIDEO_SOURCE and AVD_AUDIO_SOURCE are both none: nothing to send")
-    return sources
+    return sources  # not empty: the settings refuse two sources of none
 
 
 class DynamicQuality:

@@ -13,7 +13,7 @@ import pytest
 from avd.certs import CertPaths, init_certs
 from avd.check import Report, check_certificate
 
-from .alsa.alsa_env import PLAYBACK_DEVICE, AlsaDevices
+from .alsa.alsa_env import CAPTURE_DEVICE, PLAYBACK_DEVICE, AlsaDevices
 from .conftest import (
     Credentials,
     Daemon,
@@ -166,6 +166,34 @@ def test_both_streams_ports_are_checked_and_a_refused_token_is_tried_once(
     assert f"TLS with 127.0.0.1:{receiver.audio_port} (audio)" in wrong.stdout
     assert wrong.stdout.count("refused sender 'cam1'") == 1
     assert metric(receiver.metrics(), "avd_auth_failures_total") == before + 1
+
+
+def test_the_senders_camera_and_microphone_are_looked_for(
+    pki: CertPaths, creds: Credentials, receiver: ReceiverHandle, alsa: AlsaDevices
+) -> None:
+    # A missing camera does not stop the sender (it retries it): a warning, said before.
+    env = sender_env(pki, receiver, "cam1", creds.tokens["cam1"]) | alsa.env()
+    sources = {"AVD_VIDEO_SOURCE": "/dev/video99", "AVD_AUDIO_SOURCE": f"mic:{CAPTURE_DEVICE}"}
+    result = run_check("sender", env | sources)
+    assert result.returncode == 2, result.stdout
+    assert (
+        "WARNING  AVD_VIDEO_SOURCE: /dev/video99: no such device -> avd devices lists the "
+        "cameras (the sender starts anyway and retries it)"
+    ) in result.stdout
+    assert f"ok       AVD_AUDIO_SOURCE: 'mic:{CAPTURE_DEVICE}' is the audio device" in result.stdout
+    result = run_check("sender", env | {"AVD_AUDIO_SOURCE": "mic:no-such-mic"})
+    assert "WARNING  AVD_AUDIO_SOURCE: 'mic:no-such-mic': no input audio device matches" in (
+        result.stdout
+    )
+
+
+def test_a_sender_with_nothing_to_send_is_an_error(
+    pki: CertPaths, creds: Credentials, receiver: ReceiverHandle
+) -> None:
+    env = sender_env(pki, receiver, "cam1", creds.tokens["cam1"])
+    result = run_check("sender", env | {"AVD_VIDEO_SOURCE": "none", "AVD_AUDIO_SOURCE": "none"})
+    assert result.returncode == 1
+    assert "ERROR    AVD_VIDEO_SOURCE and AVD_AUDIO_SOURCE are both none" in result.stdout
 
 
 def test_an_untrusted_receiver_certificate_says_which_setting_to_change(

@@ -110,6 +110,23 @@ def test_a_bad_value_names_its_variable(
     assert "\n" not in message
 
 
+def test_two_sources_of_none_are_refused_with_the_settings_as_one_line(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    # Found when the sources opened, so `avd check sender` said all was well of a sender
+    # that would exit 78 at once.
+    clean_env.setenv("AVD_RECEIVER_HOST", "r")
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    clean_env.setenv("AVD_VIDEO_SOURCE", "none")
+    assert load_settings(SenderSettings).audio_source == "mic"
+    clean_env.setenv("AVD_AUDIO_SOURCE", "none")
+    with pytest.raises(ConfigError) as info:
+        load_settings(SenderSettings)
+    assert str(info.value) == (
+        "AVD_VIDEO_SOURCE and AVD_AUDIO_SOURCE are both none: nothing to send"
+    )
+
+
 def test_missing_required_and_missing_files_are_named(
     clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,18 +99,23 @@ def tokens(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture
-def recording_env(
-    pki: CertPaths, tokens: tuple[Path, dict[str, str]], tmp_path: Path
-) -> dict[str, str]:
-    return receiver_env(
-        pki, tokens[0], AVD_RECORD_DIR=str(tmp_path / "recordings"), AVD_MIN_FREE_GB="0"
-    )
+def record_dir(tmp_path: Path) -> Path:
+    return tmp_path / "recordings"
 
 
 @pytest.fixture
-def handles() -> Iterator[list[ReceiverHandle]]:
+def receiver_under(
+    pki: CertPaths, tokens: tuple[Path, dict[str, str]], record_dir: Path, tmp_path: Path
+) -> Iterator[Callable[[tuple[int, int]], ReceiverHandle]]:
+    """Starts the recording receiver daemon under a (soft, hard) limit of open files."""
     started: list[ReceiverHandle] = []
-    yield started
+
+    def start(open_files: tuple[int, int]) -> ReceiverHandle:
+        env = receiver_env(pki, tokens[0], AVD_RECORD_DIR=str(record_dir), AVD_MIN_FREE_GB="0")
+        started.append(start_receiver(env, tmp_path / "receiver.log", open_files))
+        return started[-1]
+
+    yield start
     for handle in started:
         handle.daemon.kill()
 
@@ -138,22 +143,19 @@ def _received(handle: ReceiverHandle) -> float:
 def test_seventy_senders_are_recorded_under_a_soft_limit_of_128_open_files(
     pki: CertPaths,
     tokens: tuple[Path, dict[str, str]],
-    recording_env: dict[str, str],
-    tmp_path: Path,
-    handles: list[ReceiverHandle],
+    record_dir: Path,
+    receiver_under: Callable[[tuple[int, int]], ReceiverHandle],
 ) -> None:
     """Each sender's recording holds two files in the recording process, so 70 senders
     need more than 128: before the daemon raised its soft limit (the hard one allows
     it), the recording process failed to open segments with "Too many open files"."""
-    handle = start_receiver(recording_env, tmp_path / "receiver.log", open_files=(128, 8192))
-    handles.append(handle)
+    handle = receiver_under((128, 8192))
     report = _stream(handle, pki, sorted(tokens[1].items()), 3.0)
 
     sent = sum(report.sent.values())
     assert (report.connected, report.failed, report.skipped) == (70, 0, 0)
     assert all(count >= 5 for count in report.sent.values())
     wait_until(lambda: _received(handle) == sent, 20)
-    record_dir = Path(recording_env["AVD_RECORD_DIR"])
     wait_until(lambda: recorded_frames(record_dir) == sent, 30)
     assert handle.daemon.stop() == 0
     log = handle.daemon.log_text()
@@ -166,15 +168,13 @@ def test_seventy_senders_are_recorded_under_a_soft_limit_of_128_open_files(
 def test_a_hard_limit_too_low_caps_the_connections_and_says_so(
     pki: CertPaths,
     tokens: tuple[Path, dict[str, str]],
-    recording_env: dict[str, str],
-    tmp_path: Path,
-    handles: list[ReceiverHandle],
+    record_dir: Path,
+    receiver_under: Callable[[tuple[int, int]], ReceiverHandle],
 ) -> None:
     """Hard limit 100: the daemon cannot raise it, warns once at start, and refuses the
     connections beyond what 100 files carry, by name, while those it took stream and are
     recorded whole."""
-    handle = start_receiver(recording_env, tmp_path / "receiver.log", open_files=(100, 100))
-    handles.append(handle)
+    handle = receiver_under((100, 100))
     cap = connections_within(100)
     handle.daemon.wait_for_log(
         rf"WARNING avd: AVD_MAX_CONNECTIONS=1024 may need {files_needed(1024)} open files, "
@@ -185,7 +185,7 @@ def test_a_hard_limit_too_low_caps_the_connections_and_says_so(
     assert (report.connected, report.failed) == (cap, 3)
     sent = sum(report.sent.values())
     wait_until(lambda: _received(handle) == sent, 20)
-    wait_until(lambda: recorded_frames(Path(recording_env["AVD_RECORD_DIR"])) == sent, 30)
+    wait_until(lambda: recorded_frames(record_dir) == sent, 30)
     log = handle.daemon.log_text()
     assert f"too many connections (AVD_MAX_CONNECTIONS={cap})" in log
     assert "Too many open files" not in log

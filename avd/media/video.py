@@ -399,13 +399,10 @@ class CaptureSource:
         return node is not None and not os.path.exists(node)
 
     def _why_not_opened(self) -> str:
-        path = _device_node(self._target) if self._live else str(self._target)
-        if path is None:
-            return ""
-        if not os.path.exists(path):
-            return ": no such device" if self._live else ": no such file"
-        if not os.access(path, os.R_OK):
-            return ": permission denied"
+        if (problem := _path_problem(self._target, self._live)) is not None:
+            return f": {problem}"
+        if _device_node(self._target) is None and self._live:
+            return ""  # a stream: OpenCV does not say why
         return ": busy or not a capture device" if self._live else ": not a video OpenCV can read"
 
     def _log_delivered(self, cap: VideoCaptureLike) -> None:
@@ -472,6 +469,26 @@ def _without_credentials(url: str) -> str:
         return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
     except ValueError:
         return "<unparsable URL>"
+
+
+def video_source_problem(spec: str) -> str | None:
+    """Why the camera or file ``spec`` names is not there for us, without opening it (a
+    running sender may hold it): "no such device", "no such file", "permission denied".
+    None when it may be fine, and for "test", "none" and streams (a URL)."""
+    if spec in ("none", "test"):
+        return None
+    return _path_problem(*_capture_target(spec))
+
+
+def _path_problem(target: int | str, live: bool) -> str | None:
+    path = _device_node(target) if live else str(target)
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        return "no such device" if live else "no such file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
 
 
 def _device_node(target: int | str) -> str | None:
