@@ -159,7 +159,7 @@ def check_audio_device(report: Report, what: str, device: str, *, input: bool, r
 def check_sources(report: Report, settings: SenderSettings) -> None:
     """The camera and microphone (or files) the sender would open are there. A missing one
     does not stop the sender, which retries it and streams the other: hence warnings."""
-    from avd.media.mic import parse_mic_spec  # noqa: PLC0415
+    from avd.media.specs import is_mic_spec, parse_mic_spec  # noqa: PLC0415
     from avd.media.video import video_source_problem  # noqa: PLC0415 - loads cv2
 
     video = settings.video_source
@@ -170,16 +170,11 @@ def check_sources(report: Report, settings: SenderSettings) -> None:
             f"{where} (the sender starts anyway and retries it)",
         )
     audio = settings.audio_source
-    if audio == "mic" or audio.startswith("mic:"):
-        try:
-            device = parse_mic_spec(audio)
-        except ValueError as exc:  # the sender stops on it (exit 78)
-            report.error(f"AVD_AUDIO_SOURCE: {exc}", "mic, or mic:<index or name>")
-            return
+    if is_mic_spec(audio):  # a well-formed one: the settings refuse the others
         check_audio_device(
             report,
             f"AVD_AUDIO_SOURCE: {audio!r}",
-            device,
+            parse_mic_spec(audio),
             input=True,
             remedy="avd devices lists the microphones (the sender starts anyway and retries it)",
         )

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from avd.errors import ConfigError
 from avd.eventloop import EventLoopName
 from avd.media.base import AudioFormat, VideoFormat
+from avd.media.specs import check_audio_source
 from avd.protocol import SENDER_ID_RE
 
 
@@ -294,6 +295,11 @@ class SenderSettings(CommonSettings):
         if not SENDER_ID_RE.fullmatch(value):
             raise ValueError("1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
         return value
+
+    @field_validator("audio_source")
+    @classmethod
+    def _known_audio_source(cls, value: str) -> str:
+        return check_audio_source(value)
 
     @model_validator(mode="after")
     def _something_to_send(self) -> SenderSettings:

@@ -22,6 +22,7 @@ from avd.diskspool import current_boot_id, open_disk_spool
 from avd.errors import ConfigError
 from avd.logthrottle import LogThrottle
 from avd.media.base import CapturedFrame, MediaSource, StreamKind
+from avd.media.specs import is_mic_spec
 from avd.metrics import SenderMetrics
 from avd.quality import FrameDecimator, LinkReport, QualityController
 from avd.queues import DropOldestQueue
@@ -82,7 +83,7 @@ def build_sources(settings: SenderSettings) -> list[MediaSource]:
         sources.append(video)
     spec = settings.audio_source
     try:
-        if spec == "mic" or spec.startswith("mic:"):
+        if is_mic_spec(spec):
             from avd.media.mic import open_mic_source  # noqa: PLC0415 - PyAudio loads slowly
 
             audio: MediaSource | None = open_mic_source(spec, settings.audio_format)

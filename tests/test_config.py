@@ -95,6 +95,9 @@ def test_env_file_is_read_and_the_environment_wins(
         ("AVD_METRICS_ADDR", "nocolon", "AVD_METRICS_ADDR: expected host:port"),
         ("AVD_TLS_MIN_VERSION", "1.0", "AVD_TLS_MIN_VERSION:"),
         ("AVD_LOG_LEVEL", "loud", "AVD_LOG_LEVEL:"),
+        # Refused when the settings load (avd check says it), not when the sources open.
+        ("AVD_AUDIO_SOURCE", "microphone", "AVD_AUDIO_SOURCE: not none, test, mic,"),
+        ("AVD_AUDIO_SOURCE", "mic: ", "AVD_AUDIO_SOURCE: audio source 'mic: ' names no device"),
     ],
 )
 def test_a_bad_value_names_its_variable(

@@ -20,8 +20,9 @@ import pytest
 
 from avd.errors import DeviceError
 from avd.media.base import AudioFormat, CapturedFrame, StreamKind
-from avd.media.mic import CaptureTimeline, MicSource, open_mic_source, parse_mic_spec
+from avd.media.mic import CaptureTimeline, MicSource, open_mic_source
 from avd.media.pa import list_devices
+from avd.media.specs import check_audio_source, is_mic_spec, parse_mic_spec
 from tests.alsa.alsa_env import (
     CAPTURE_DEVICE,
     AlsaDevices,
@@ -262,3 +263,12 @@ def test_overflows_are_logged_at_most_once_per_10_s(caplog: pytest.LogCaptureFix
     warnings = [r for r in caplog.records if "overflowed" in r.getMessage()]
     assert len(warnings) == 3  # at 1 s, 11 s and 21 s
     assert "(21 in all)" in warnings[-1].getMessage()
+
+
+def test_audio_source_specs_are_told_apart_by_their_text() -> None:
+    for spec in ("none", "test", "/srv/a.WAV", "mic", " MIC : USB Audio ", "mic:2"):
+        assert check_audio_source(spec) == spec
+    assert [is_mic_spec(s) for s in ("mic", "Mic:1", "micro", "test")] == [True, True, False, False]
+    for spec in ("microphone", "mic:", "/srv/a.mp3", ""):
+        with pytest.raises(ValueError):
+            check_audio_source(spec)

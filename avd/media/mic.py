@@ -24,6 +24,7 @@ from avd.clock import monotonic_us
 from avd.errors import DeviceError
 from avd.media.base import AudioFormat, CapturedFrame, MediaFormat, MediaSource, StreamKind
 from avd.media.pa import ClocklessPacer, find_device, open_pyaudio
+from avd.media.specs import parse_mic_spec
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +74,6 @@ class CaptureTimeline:
 
     def _position_us(self) -> int:
         return self._frames * 1_000_000 // self._rate
-
-
-def parse_mic_spec(spec: str) -> str:
-    """The device part of "mic" or "mic:<index or name>" ("default" for plain "mic").
-
-    ValueError for anything else; the sender adds the name of the setting to the message.
-    """
-    kind, sep, device = spec.strip().partition(":")
-    if kind.strip().casefold() != "mic":
-        raise ValueError(f"audio source {spec!r} is not a microphone (mic or mic:<device>)")
-    if not sep:
-        return "default"
-    if not device.strip():
-        raise ValueError(f"audio source {spec!r} names no device after 'mic:'")
-    return device.strip()
 
 
 class MicSource:
