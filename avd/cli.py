@@ -109,8 +109,8 @@ def _serve_metrics(
         return None, ""
     try:
         stop, port = serve(registry, *endpoint)
-    except OSError as exc:
-        raise ConfigError(
+    except OSError as exc:  # in use, or not this host's: it may pass, as for the ports
+        raise ListenError(
             f"AVD_METRICS_ADDR: cannot listen on {settings.metrics_addr}: {exc}"
         ) from None
     return stop, f" metrics=http://{endpoint[0]}:{port}/metrics"

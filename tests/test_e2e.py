@@ -322,21 +322,32 @@ def test_a_bad_setting_exits_78_naming_the_variable(
     assert len(output.strip().splitlines()) == 1, output
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("AVD_AUDIO_PORT", "{port}", "AVD_BIND=127.0.0.1 AVD_AUDIO_PORT={port}"),
+        # It exited 78 (a bad setting, never restarted) where a busy port may pass.
+        (
+            "AVD_METRICS_ADDR",
+            "127.0.0.1:{port}",
+            "AVD_METRICS_ADDR: cannot listen on 127.0.0.1:{port}",
+        ),
+    ],
+)
 def test_a_port_in_use_exits_1_naming_the_variable(
-    pki: CertPaths, creds: Credentials, tmp_path: Path
+    pki: CertPaths, creds: Credentials, tmp_path: Path, variable: str, value: str, said: str
 ) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        env = receiver_env(
-            pki, creds.tokens_file, AVD_AUDIO_PORT=str(port), AVD_RECORD_DIR=str(tmp_path / "rec")
-        )
+        env = receiver_env(pki, creds.tokens_file, AVD_RECORD_DIR=str(tmp_path / "rec"))
+        env[variable] = value.format(port=port)
         daemon = Daemon("receiver", env, tmp_path / "daemon.log")
         assert daemon.proc.wait(20) == 1  # not 78: restartable, the port may be freed
     daemon.stop()
     # The recording process may outlive the daemon by a moment: what it says counts too.
     wait_until(lambda: not pids_with_argument(str(tmp_path / "rec")), timeout=10)
     output = daemon.log_text()
-    assert f"AVD_BIND=127.0.0.1 AVD_AUDIO_PORT={port}" in output
+    assert said.format(port=port) in output
     assert "Address already in use" in output
     assert "Traceback" not in output
     # Its recording process, started first, was stopped: the one line is the only line.
