@@ -386,9 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="avd check",
         description="Check a daemon's settings, its files and their permissions, its "
-        "certificates' expiry and, for a sender, that it reaches and authenticates with the "
-        "receiver. One line a check, each problem with its remedy. Exit status: 0 all is "
-        "well, 1 errors, 2 warnings only.",
+        "certificates' expiry, the devices it would open (looked for, not opened) and, for "
+        "a sender, that it reaches both of the receiver's ports and authenticates. One line "
+        "a check, each problem with its remedy. Exit status: 0 all is well, 1 errors, 2 "
+        "warnings only.",
     )
     parser.add_argument("role", choices=["sender", "receiver"], help="which daemon's settings")
     parser.add_argument("--env-file", type=Path, help="read AVD_* settings from this file")
