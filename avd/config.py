@@ -13,6 +13,7 @@ logs and ``avd check``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -51,6 +52,33 @@ def _empty_is_unset(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _plain_host(value: str) -> str:
+    """A host name or address, as sockets take it: ``[::1]`` (a URL's way) is ``::1``; a
+    port, a scheme or a path is refused here, where it would otherwise be looked up as a
+    host name for ever ("Name or service not known")."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)  # "fe80::1%eth0" included
+        except ValueError:
+            raise ValueError(
+                "a host name or address only, without a port or scheme (the ports are "
+                "AVD_VIDEO_PORT and AVD_AUDIO_PORT)"
+            ) from None
+    if "/" in host or any(c.isspace() for c in host):
+        raise ValueError("a host name or address only, without a path or spaces")
+    return host
+
+
+def _not_blank(host: str) -> str:
+    if not host:
+        raise ValueError("a host name or address is needed")
+    return host
+
+
+Host = Annotated[str, AfterValidator(_plain_host)]
 ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_unset)]
 OptionalFile = Annotated[ExistingFile | None, BeforeValidator(_empty_is_unset)]
@@ -135,7 +163,7 @@ class CommonSettings(BaseSettings):
 class ReceiverSettings(CommonSettings):
     """``avd-receiver``: listens, authenticates senders, records and plays."""
 
-    bind: str = Field(
+    bind: Host = Field(
         "0.0.0.0",  # noqa: S104
         description="address to listen on: 0.0.0.0 every IPv4 one, :: every IPv6 one, empty both",
     )
@@ -212,7 +240,7 @@ def _default_sender_id() -> str:
 class SenderSettings(CommonSettings):
     """``avd-sender``: captures and streams to one receiver."""
 
-    receiver_host: Annotated[str, Field(min_length=1)] = Field(
+    receiver_host: Annotated[Host, AfterValidator(_not_blank)] = Field(
         description="host name or address of the receiver"
     )
     tls_ca: ExistingFile = Field(

@@ -95,6 +95,9 @@ def test_env_file_is_read_and_the_environment_wins(
         ("AVD_METRICS_ADDR", "nocolon", "AVD_METRICS_ADDR: expected host:port"),
         ("AVD_TLS_MIN_VERSION", "1.0", "AVD_TLS_MIN_VERSION:"),
         ("AVD_LOG_LEVEL", "loud", "AVD_LOG_LEVEL:"),
+        # Looked up as a host name for ever ("Name or service not known") before.
+        ("AVD_RECEIVER_HOST", "cam.example:5000", "AVD_RECEIVER_HOST: a host name or address only"),
+        ("AVD_RECEIVER_HOST", "https://cam.example", "AVD_RECEIVER_HOST: a host name or address"),
         # Refused when the settings load (avd check says it), not when the sources open.
         ("AVD_AUDIO_SOURCE", "microphone", "AVD_AUDIO_SOURCE: not none, test, mic,"),
         ("AVD_AUDIO_SOURCE", "mic: ", "AVD_AUDIO_SOURCE: audio source 'mic: ' names no device"),
@@ -111,6 +114,29 @@ def test_a_bad_value_names_its_variable(
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+def test_a_bracketed_ipv6_address_is_taken_as_a_url_would_write_it(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    for written, meant in (("[::1]", "::1"), ("::1", "::1"), (" cam.example ", "cam.example")):
+        clean_env.setenv("AVD_RECEIVER_HOST", written)
+        assert load_settings(SenderSettings).receiver_host == meant
+
+
+def test_a_bind_address_with_a_port_is_refused(
+    clean_env: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
+    clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
+    clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+    clean_env.setenv("AVD_BIND", "0.0.0.0:5000")
+    with pytest.raises(ConfigError, match=r"^AVD_BIND: a host name or address only, without a"):
+        load_settings(ReceiverSettings)
+    for bind in ("", "::", "[::]", "0.0.0.0"):
+        clean_env.setenv("AVD_BIND", bind)
+        assert load_settings(ReceiverSettings).bind == bind.strip("[]")
 
 
 def test_two_sources_of_none_are_refused_with_the_settings_as_one_line(
@@ -161,7 +187,7 @@ def test_an_empty_optional_setting_is_unset_and_an_empty_receiver_host_is_refuse
     for variable in (*blank_sender, "SENDER_ID"):
         clean_env.setenv(f"AVD_{variable}", "")
     clean_env.setenv("AVD_RECEIVER_HOST", "")
-    with pytest.raises(ConfigError, match=r"^AVD_RECEIVER_HOST: String should have at least 1"):
+    with pytest.raises(ConfigError, match=r"^AVD_RECEIVER_HOST: a host name or address is needed"):
         load_settings(SenderSettings)
     clean_env.setenv("AVD_RECEIVER_HOST", "r")
     sender = load_settings(SenderSettings)
