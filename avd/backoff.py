@@ -10,7 +10,7 @@ and reconnects for ever:
   same receiver, the fixed half keeps a floor so a retry is never near-immediate;
 - a refused token or an untrusted certificate will not fix itself in half a second, so
   those retry at the cap, and the escalation stays there for whatever comes next; a refused
-  token waits at least ``AUTH_RETRY_S`` (45 s), so as not to lock itself out (below);
+  token waits at least ``AUTH_RETRY_S`` (65 s), so as not to lock itself out (below);
 - a failure before the receiver's welcome escalates: a receiver that accepts and drops at
   once (or a network that does) must not put us in a tight loop;
 - a welcomed session resets the escalation when it ends because the receiver went away
@@ -51,13 +51,13 @@ class FailureKind(enum.Enum):
 # Failures a retry cannot fix until someone changes a file: retried at the cap.
 SLOW_RETRY = frozenset({FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY})
 
-# A refused token is retried no sooner than this, whatever the cap: a sender's two streams
-# then fail at most 4 times in any minute, under the receiver's default lockout (5 failed
-# authentications from one address within 60 s refuse it for 10 minutes, AVD_AUTH_*).
-# At the 10 s cap, a sender with a wrong token locked its address out within 20 s: it was
-# refused for 10 minutes more after its token was put right, and so was every other
-# sender behind that address (a NAT, an office).
-AUTH_RETRY_S = 45.0
+# A refused token is retried no sooner than this, whatever the cap: over the receiver's
+# default window (5 failed authentications from one address within 60 s refuse it for 10
+# minutes, AVD_AUTH_*), so a sender's two streams fail at most twice in any such window,
+# leaving room for the operator's `avd check sender` runs. At the 10 s cap, a sender with
+# a wrong token locked its address out within 20 s: it was refused for 10 minutes more
+# after its token was put right, and so was every other sender behind that address.
+AUTH_RETRY_S = 65.0
 
 # How a welcomed session ends when the receiver went away (killed, restarted, unplugged)
 # rather than turned us away: such an end resets the escalation, however short the session.

@@ -140,8 +140,9 @@ def check_audio_device(report: Report, what: str, device: str, *, input: bool, r
     gets wrong."""
     from avd.media.pa import find_device, open_pyaudio  # noqa: PLC0415 - PyAudio loads slowly
 
-    pa = open_pyaudio()
+    pa = None
     try:
+        pa = open_pyaudio()  # DeviceError if PortAudio cannot start at all
         index = find_device(pa, device, input=input)
         if index is not None:
             info = pa.get_device_info_by_index(index)
@@ -153,7 +154,8 @@ def check_audio_device(report: Report, what: str, device: str, *, input: bool, r
     except (DeviceError, OSError) as exc:
         report.warn(f"{what}: {exc}", remedy)
     finally:
-        pa.terminate()
+        if pa is not None:
+            pa.terminate()
 
 
 def check_sources(report: Report, settings: SenderSettings) -> None:
@@ -164,7 +166,8 @@ def check_sources(report: Report, settings: SenderSettings) -> None:
 
     video = settings.video_source
     if (problem := video_source_problem(video)) is not None:
-        where = "fix the path" if problem == "no such file" else "avd devices lists the cameras"
+        camera = video.isdigit() or video.startswith("/dev/")
+        where = "avd devices lists the cameras" if camera else "fix the path"
         report.warn(
             f"AVD_VIDEO_SOURCE: {video}: {problem}",
             f"{where} (the sender starts anyway and retries it)",
@@ -206,6 +209,7 @@ def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
 
 
 def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> None:
+    check_sources(report, settings)  # first: whatever stops the checks below
     try:
         token = read_sender_token(
             token_file=settings.token_file,
@@ -231,7 +235,6 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
         check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
     check_key(report, settings.token_file, "AVD_TOKEN_FILE", "token")
-    check_sources(report, settings)
     streams = [
         kind
         for kind, source in (

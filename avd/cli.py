@@ -197,13 +197,15 @@ def budget_open_files(settings: ReceiverSettings) -> ReceiverSettings:
 
     Called before the recording process starts: it inherits the raised limit.
     """
-    budget = ensure_open_files(files_needed(settings.max_connections))
+    recording = settings.record_dir is not None
+    budget = ensure_open_files(files_needed(settings.max_connections, recording=recording))
     if budget.raised:
         log.debug("open files: soft limit raised from %d to %d", budget.before, budget.soft)
     if budget.enough:
         return settings
-    log.warning("%s", budget.shortfall(settings.max_connections))
-    return settings.model_copy(update={"max_connections": connections_within(budget.soft)})
+    log.warning("%s", budget.shortfall(settings.max_connections, recording=recording))
+    capped = connections_within(budget.soft, recording=recording)
+    return settings.model_copy(update={"max_connections": capped})
 
 
 def build_receiver_sinks(

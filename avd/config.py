@@ -280,7 +280,7 @@ class SenderSettings(CommonSettings):
         1024, description="frames per audio chunk"
     )
     reconnect_max_s: Annotated[float, Field(ge=0.5, le=3600)] = Field(
-        10.0, description="longest wait between reconnection attempts (a refused token: 45 s)"
+        10.0, description="longest wait between reconnection attempts (a refused token: 65 s)"
     )
     video_queue_frames: Annotated[int, Field(ge=1, le=1000)] = Field(
         4, description="frames held while the network is slow; the oldest is dropped"

@@ -1,11 +1,12 @@
 """The receiver's budget of open files: enough descriptors for ``AVD_MAX_CONNECTIONS``.
 
-Each connection holds a socket in the daemon, and each sender's recording holds files in the
-recording process: the segment FFmpeg writes and the descriptor that reads it back to see
-what reached the disk, twice while a backfill segment is open beside the live one. Most
-systems start a process with a soft limit of 1024 open files (systemd's default for
-services; login shells too), which a receiver of a few hundred senders outgrows: its accept
-loop then pauses, and the recording process cannot open the next segment.
+Each connection holds a socket in the daemon, and, with recording on, each sender's
+recording holds files in the recording process: the segment FFmpeg writes and the
+descriptor that reads it back to see what reached the disk, twice while a backfill segment
+is open beside the live one. Most systems start a process with a soft limit of 1024 open
+files (systemd's default for services; login shells too), which a receiver of a few
+hundred senders outgrows: its accept loop then pauses, and the recording process cannot
+open the next segment.
 
 So the daemon raises its soft limit, before the recording process starts (which inherits
 it), to what its settings need, as far as the hard limit allows (524288 under systemd), as
@@ -20,22 +21,27 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-# Per connection, the worst case in the process that needs the most: a video-only sender's
-# one connection, a live and a backfill segment open at once in the recording process, and
-# a reading descriptor for each.
+# Per connection, the worst case in the process that needs the most: with recording on, a
+# video-only sender's one connection, a live and a backfill segment open at once in the
+# recording process, and a reading descriptor for each; without, its socket.
 FILES_PER_CONNECTION = 4
+FILES_PER_CONNECTION_UNRECORDED = 1
 # Everything else: the interpreter and its libraries, listening sockets, the recording
 # process's pipes, the metrics server, the sound device, the files read at a reload.
 FILES_BESIDES = 64
 
 
-def files_needed(max_connections: int) -> int:
-    return FILES_PER_CONNECTION * max_connections + FILES_BESIDES
+def _per_connection(recording: bool) -> int:
+    return FILES_PER_CONNECTION if recording else FILES_PER_CONNECTION_UNRECORDED
 
 
-def connections_within(files: int) -> int:
+def files_needed(max_connections: int, *, recording: bool = True) -> int:
+    return _per_connection(recording) * max_connections + FILES_BESIDES
+
+
+def connections_within(files: int, *, recording: bool = True) -> int:
     """The most connections ``files`` open files carry (at least one)."""
-    return max(1, (files - FILES_BESIDES) // FILES_PER_CONNECTION)
+    return max(1, (files - FILES_BESIDES) // _per_connection(recording))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +60,14 @@ class FileBudget:
     def enough(self) -> bool:
         return self.soft >= self.wanted
 
-    def shortfall(self, max_connections: int) -> str:
+    def shortfall(self, max_connections: int, *, recording: bool = True) -> str:
         """The warning for a budget that is not ``enough``: what is capped, and the remedy."""
         why = f" (raising it failed: {self.error})" if self.error else ""
         return (
             f"AVD_MAX_CONNECTIONS={max_connections} may need {self.wanted} open files, but this "
             f"process may open {self.soft}{why}: taking at most "
-            f"{connections_within(self.soft)} connections; raise the limit (LimitNOFILE= in the "
-            f"unit, ulimit -n) or set AVD_MAX_CONNECTIONS to that"
+            f"{connections_within(self.soft, recording=recording)} connections; raise the "
+            f"limit (LimitNOFILE= in the unit, ulimit -n) or set AVD_MAX_CONNECTIONS to that"
         )
 
 

@@ -85,7 +85,12 @@ check_source() {
 # system whose /usr has them by other means is left alone; what is missing is installed
 # with apt-get where there is one, or named.
 install_build_deps() {
-    local python="${AVD_PYTHON:-/usr/bin/python3}" include compiler missing=()
+    local python="${AVD_PYTHON:-/usr/bin/python3}" venv="$ROOT$PREFIX" include compiler missing=()
+    # Nothing to build: pip installs no dependency, or PyAudio is in the venv already.
+    case " ${AVD_PIP_ARGS:-} " in *" --no-deps "*) return 0 ;; esac
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pyaudio' 2>/dev/null; then
+        return 0
+    fi
     include="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
     # The compiler this Python builds extensions with (x86_64-linux-gnu-gcc on Debian).
     compiler="$("$python" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')"
@@ -96,6 +101,8 @@ install_build_deps() {
     [ ${#missing[@]} -gt 0 ] || return 0
     if [ -z "$ROOT" ] && command -v apt-get >/dev/null; then
         say "installing ${missing[*]} (to build PyAudio in the virtualenv)"
+        # A fresh image has no package lists yet.
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
             || die "apt-get could not install ${missing[*]}"
     else

@@ -454,7 +454,8 @@ def test_not_listening_never_exceeds_a_small_cap() -> None:
 
 def test_a_refused_token_never_trips_the_receivers_default_lockout() -> None:
     """Both streams of a sender with a wrong token, retrying as the backoff says: in no
-    60 s window do they fail AVD_AUTH_MAX_FAILURES (5) times, the receiver's defaults."""
+    60 s window do they fail AVD_AUTH_MAX_FAILURES (5) times, the receiver's defaults, nor
+    even 3, so that two runs of `avd check sender` (a refused hello each) fit beside."""
     defaults = ReceiverSettings.model_fields
     max_failures = defaults["auth_max_failures"].default
     window_s = defaults["auth_window_s"].default
@@ -467,4 +468,4 @@ def test_a_refused_token_never_trips_the_receivers_default_lockout() -> None:
             now += backoff.next_delay(FailureKind.AUTH_REFUSED)
     failures.sort()
     most = max(sum(1 for t in failures if start <= t < start + window_s) for start in failures)
-    assert most < max_failures
+    assert most <= max_failures - 3

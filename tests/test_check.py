@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from avd.certs import CertPaths, init_certs
-from avd.check import Report, check_certificate
+from avd.check import Report, check_audio_device, check_certificate
+from avd.errors import DeviceError
+from avd.media import pa
 
 from .alsa.alsa_env import CAPTURE_DEVICE, PLAYBACK_DEVICE, AlsaDevices
 from .conftest import (
@@ -104,6 +106,19 @@ def test_the_speaker_is_looked_for_and_one_not_found_is_a_warning(
         "'no-such-speaker': choose one of: "
     ) in missing.stdout
     assert "-> AVD_PLAYBACK=none for no speaker, or a device avd devices lists" in missing.stdout
+
+
+def test_portaudio_that_cannot_start_is_a_warning_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken() -> None:
+        raise DeviceError("PortAudio cannot start: no ALSA")
+
+    monkeypatch.setattr(pa, "open_pyaudio", broken)
+    report = Report()
+    check_audio_device(report, "AVD_PLAYBACK: 'default'", "default", input=False, remedy="x")
+    assert report.warnings == 1
+    assert report.errors == 0
 
 
 def test_a_bad_setting_is_an_error_naming_it(pki: CertPaths, creds: Credentials) -> None:
