@@ -8,9 +8,10 @@ and reconnects for ever:
 - each delay is drawn from ``[base / 2, base]`` ("equal jitter" in the AWS Architecture
   Blog's "Exponential Backoff And Jitter"): the random half spreads senders that lost the
   same receiver, the fixed half keeps a floor so a retry is never near-immediate;
-- a refused token or an untrusted certificate will not fix itself in half a second, so
-  those retry at the cap, and the escalation stays there for whatever comes next; a refused
-  token waits at least ``AUTH_RETRY_S`` (65 s), so as not to lock itself out (below);
+- a refused token, a hello turned away (its stream on the other port) or an untrusted
+  certificate will not fix itself in half a second, so those retry at the cap, and the
+  escalation stays there for whatever comes next; a refused hello waits at least
+  ``AUTH_RETRY_S`` (65 s), so as not to lock itself out (below);
 - a failure before the receiver's welcome escalates: a receiver that accepts and drops at
   once (or a network that does) must not put us in a tight loop;
 - a welcomed session resets the escalation when it ends because the receiver went away
@@ -42,14 +43,19 @@ class FailureKind(enum.Enum):
     NOT_LISTENING = "not-listening"  # connection refused: the host is up, the daemon is not
     REFUSED = "refused"  # network: unreachable, timed out, reset
     TLS_VERIFY = "tls-verify"  # a certificate was not trusted (theirs by us, or ours by them)
-    AUTH_REFUSED = "auth-refused"  # the receiver refused the hello
+    AUTH_REFUSED = "auth-refused"  # the receiver refused the hello's token
+    HELLO_REFUSED = "hello-refused"  # the token was right; the hello not (its port, format)
     PROTOCOL = "protocol"  # the peer broke the protocol, or says that we did
     SESSION_LOST = "session-lost"  # the receiver ended a welcomed session, not blaming us
     TURNED_AWAY = "turned-away"  # it ended one for another sender with our id, or overloaded
 
 
 # Failures a retry cannot fix until someone changes a file: retried at the cap.
-SLOW_RETRY = frozenset({FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY})
+SLOW_RETRY = frozenset(
+    {FailureKind.AUTH_REFUSED, FailureKind.HELLO_REFUSED, FailureKind.TLS_VERIFY}
+)
+# Of those, the hellos the receiver turned away: retried no sooner than AUTH_RETRY_S.
+REFUSED_HELLOS = frozenset({FailureKind.AUTH_REFUSED, FailureKind.HELLO_REFUSED})
 
 # A refused token is retried no sooner than this, whatever the cap: over the receiver's
 # default window (5 failed authentications from one address within 60 s refuse it for 10
@@ -102,7 +108,7 @@ class Backoff:
         self.attempts += 1
         if failure in SLOW_RETRY:
             self._base = self.cap_s
-            if failure is FailureKind.AUTH_REFUSED:
+            if failure in REFUSED_HELLOS:
                 return max(self.cap_s, AUTH_RETRY_S)
             return self.cap_s
         if failure is FailureKind.NOT_LISTENING:

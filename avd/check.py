@@ -338,7 +338,7 @@ async def _say_hello(
     writer: asyncio.StreamWriter,
     report: Report,
     timeout_s: float,
-) -> bool:
+) -> bool | None:
     fmt = settings.video_format if kind is StreamKind.VIDEO else settings.audio_format
     conn = protocol.Connection(Role.SENDER)
     writer.write(conn.send(protocol.Hello(settings.sender_id, kind, fmt, token, probe=True)))
@@ -350,6 +350,12 @@ async def _say_hello(
         )
         writer.write(conn.send(protocol.Goodbye(protocol.GoodbyeReason.BYE, "avd check")))
         return True
+    if isinstance(answer, protocol.Goodbye):  # the token was right: it says what is not
+        report.error(
+            f"the receiver turned the {kind.label} stream away: {answer.text}",
+            "fix the setting it names",
+        )
+        return None
     report.error(f"the receiver refused sender {settings.sender_id!r}", REFUSED_HELLO_HINT)
     return False
 

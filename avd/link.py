@@ -49,6 +49,7 @@ class SessionEnded(Exception):
     def __init__(self, reason: GoodbyeReason | int, text: str) -> None:
         super().__init__(f"receiver said goodbye: {text or reason}")
         self.reason = reason
+        self.text = text
 
 
 class SourceEnded(Exception):

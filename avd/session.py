@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from avd.acks import AckWatermark
 from avd.clock import ClockSync, monotonic_us
 from avd.errors import BadFrame, RemoteProtocolError
 from avd.logs import CloseReason, auth_failed, connection_closed, connection_opened
+from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import (
     AudioFormat,
     MediaSink,
@@ -81,6 +83,8 @@ class SessionContext:
     finished: Callable[[Session], None]  # no more acknowledgements will be sent
     auth_result: Callable[[str, bool], None]  # (peer ip, token good?) for the lockout
     skew: SkewTracker = field(default_factory=SkewTracker)
+    # Hellos turned away, though their token was right: a line a minute per stream.
+    refusals: LogThrottle = field(default_factory=LogThrottle)
     # True when a recorder reports each frame done (recorded, duplicate or given up) through
     # Receiver.frames_done; otherwise a frame is done as soon as it arrives.
     acks_after_recording: bool = False
@@ -250,8 +254,8 @@ class Session:
             hello = await asyncio.wait_for(self._read_hello(), timeout=max(hello_deadline_s, 0))
             if hello is None:
                 reason = CloseReason.PEER_CLOSED
-            elif not self._authenticate(hello):
-                reason = CloseReason.AUTH_FAILED
+            elif (refused := self._authenticate(hello)) is not None:
+                reason = refused
             elif hello.probe:
                 reason = await self._answer_probe(hello)
             else:
@@ -337,32 +341,46 @@ class Session:
             if event is None:
                 more = await self._incoming.wait()
 
-    def _authenticate(self, hello: Hello) -> bool:
+    def _authenticate(self, hello: Hello) -> CloseReason | None:
+        """None once the hello is welcomed; else why the connection closes.
+
+        A wrong token is refused with nothing said (``Refused`` is empty). A sender whose
+        token is right but whose hello cannot be served (its video on the audio port, a
+        format out of range) is told why, in a goodbye: it has proved who it is, the
+        reason is its own setting, and "token refused" would send its operator looking in
+        the wrong place.
+        """
         # The token check runs first and always, so every refusal costs the same.
         token_ok = self.ctx.tokens().verify(hello.sender_id, hello.token)
         self.ctx.auth_result(self.ip, token_ok)
-        problem = None if token_ok else "bad token"
-        if problem is None and hello.kind is not self.port_kind:
-            problem = f"{hello.kind.label} stream on the {self.port_kind.label} port"
-        if problem is None:
-            problem = format_problem(hello)
-        if problem is None:
-            max_payload = min(self.ctx.limits.media_payload(hello.kind), payload_bound(hello))
-            heartbeat_ms = int(self.ctx.heartbeat_s * 1000)
-            self._write(
-                self.conn.send(protocol.Welcome(self.session_id, heartbeat_ms, max_payload))
-            )
-            return True
-        self._write(self.conn.send(protocol.Refused()))
-        if token_ok:
-            log.warning("refused %s from %s: %s", hello.sender_id, self.peer, problem)
-            self.ctx.metrics.handshake_failures.labels(reason="bad-hello").inc()
-        else:
+        if not token_ok:
+            self._write(self.conn.send(protocol.Refused()))
             auth_failed(
                 log, peer=self.peer, claimed_sender_id=hello.sender_id, stream=hello.kind.label
             )
             self.ctx.metrics.auth_failures.inc()
-        return False
+            return CloseReason.AUTH_FAILED
+        problem = format_problem(hello)
+        if hello.kind is not self.port_kind:
+            problem = (
+                f"{hello.kind.label} stream on the {self.port_kind.label} port "
+                "(are AVD_VIDEO_PORT and AVD_AUDIO_PORT swapped?)"
+            )
+        if problem is not None:
+            self._write(self.conn.send(protocol.Goodbye(GoodbyeReason.PROTOCOL_ERROR, problem)))
+            self.ctx.metrics.handshake_failures.labels(reason="bad-hello").inc()
+            stream = f"{hello.sender_id}/{hello.kind.label}"
+            suppressed = self.ctx.refusals.admit("bad-hello", stream, time.monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "refused %s from %s: %s%s",
+                    *(hello.sender_id, self.peer, problem, suppressed_note(suppressed)),
+                )
+            return CloseReason.PROTOCOL_ERROR
+        max_payload = min(self.ctx.limits.media_payload(hello.kind), payload_bound(hello))
+        heartbeat_ms = int(self.ctx.heartbeat_s * 1000)
+        self._write(self.conn.send(protocol.Welcome(self.session_id, heartbeat_ms, max_payload)))
+        return None
 
     async def _answer_probe(self, hello: Hello) -> CloseReason:
         """``avd check``: authenticated and welcomed, nothing else; it says goodbye next."""

@@ -151,6 +151,9 @@ class StreamClient:
             )
         if exc.reason == GoodbyeReason.OVERLOADED:
             return FailureKind.TURNED_AWAY, "the receiver is overloaded"
+        if exc.reason == GoodbyeReason.PROTOCOL_ERROR and not self._established:
+            # Our token was right, our hello not: the receiver says which setting.
+            return FailureKind.HELLO_REFUSED, f"the receiver turned the stream away: {exc.text}"
         if exc.reason == GoodbyeReason.PROTOCOL_ERROR:
             return FailureKind.PROTOCOL, str(exc)  # the receiver says we broke the protocol
         return FailureKind.SESSION_LOST, str(exc)

@@ -27,6 +27,7 @@ from avd import certs
 from avd.backoff import (
     AUTH_RETRY_S,
     RECEIVER_GONE,
+    REFUSED_HELLOS,
     SLOW_RETRY,
     Backoff,
     FailureKind,
@@ -184,7 +185,10 @@ def test_only_the_receiver_going_away_resets_a_short_session() -> None:
 
 
 def test_slow_retry_kinds_are_the_fatal_ish_ones() -> None:
-    assert {FailureKind.AUTH_REFUSED, FailureKind.TLS_VERIFY} == SLOW_RETRY
+    assert {FailureKind.AUTH_REFUSED, FailureKind.HELLO_REFUSED, FailureKind.TLS_VERIFY} == (
+        SLOW_RETRY
+    )
+    assert REFUSED_HELLOS < SLOW_RETRY
 
 
 @pytest.mark.parametrize(
@@ -230,7 +234,7 @@ def test_any_sequence_keeps_every_delay_within_bounds(
             fresh = fresh or resets
             continue
         delay = backoff.next_delay(step)
-        if step is FailureKind.AUTH_REFUSED:
+        if step in REFUSED_HELLOS:
             assert delay == max(cap, AUTH_RETRY_S)
             fresh = False
             continue

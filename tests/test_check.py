@@ -174,6 +174,19 @@ def test_both_streams_ports_are_checked_and_a_refused_token_is_tried_once(
     assert "accepted sender 'cam1' and its token (video)" in result.stdout
     assert "cannot reach the receiver at 127.0.0.1:1 (audio)" in result.stdout
 
+    # Ports swapped: the token is right, so the receiver says what is not, for each port.
+    swapped = {
+        "AVD_VIDEO_PORT": str(receiver.audio_port),
+        "AVD_AUDIO_PORT": str(receiver.video_port),
+    }
+    result = run_check("sender", sender_env(pki, receiver, "cam1", creds.tokens["cam1"]) | swapped)
+    assert result.returncode == 1
+    assert (
+        "ERROR    the receiver turned the video stream away: video stream on the audio port "
+        "(are AVD_VIDEO_PORT and AVD_AUDIO_PORT swapped?) -> fix the setting it names"
+    ) in result.stdout
+    assert "turned the audio stream away: audio stream on the video port" in result.stdout
+
     # A wrong token: both ports reached, one hello refused (each counts toward a lockout).
     before = metric(receiver.metrics(), "avd_auth_failures_total")
     wrong = run_check("sender", sender_env(pki, receiver, "cam1", "z" * 43))

@@ -19,7 +19,7 @@ import pytest
 
 from avd.certs import CertPaths
 from avd.media.base import StreamKind, VideoFormat
-from avd.protocol import Connection, Hello, Role
+from avd.protocol import Connection, Goodbye, GoodbyeReason, Hello, Role
 
 from .conftest import (
     Credentials,
@@ -365,9 +365,20 @@ def test_hello_for_the_wrong_port_is_refused(
     with _tls_to(pki, handle.audio_port) as tls:
         tls.sendall(conn.send(hello))
         tls.settimeout(5)
+        reply = tls.recv(200)
+    # The token was right: a goodbye says why, as the sender's own setting is at fault.
+    conn.receive_data(reply)
+    assert conn.next_event() == Goodbye(
+        GoodbyeReason.PROTOCOL_ERROR,
+        "video stream on the audio port (are AVD_VIDEO_PORT and AVD_AUDIO_PORT swapped?)",
+    )
+    # A wrong token on the wrong port: refused, and nothing about why (the token comes first).
+    stranger = Hello("cam1", StreamKind.VIDEO, VideoFormat(640, 480, 20, 70), b"w" * 43)
+    with _tls_to(pki, handle.audio_port) as tls:
+        tls.sendall(Connection(Role.SENDER).send(stranger))
+        tls.settimeout(5)
         reply = tls.recv(100)
-    assert reply[:4] == b"AV\x01\x03"  # refused, and nothing about why
-    assert len(reply) == 8
+    assert reply == b"AV\x01\x03\x00\x00\x00\x00"
 
 
 def _hello_from(
@@ -388,6 +399,29 @@ def _hello_from(
         return None
     finally:
         raw.close()
+
+
+def test_swapped_ports_are_named_to_the_sender_not_called_a_refused_token(
+    launch: Launcher,
+) -> None:
+    """Its token is right, so the receiver says what is wrong: "token refused" sent its
+    operator to the tokens file, at a pace that locked its address out."""
+    handle = launch.receiver()
+    swapped = {"AVD_VIDEO_PORT": str(handle.audio_port), "AVD_AUDIO_PORT": str(handle.video_port)}
+    sender = launch.sender(handle, **swapped)
+    sender.wait_for_log(
+        r"WARNING avd.sender: video stream to 127\.0\.0\.1:\d+: the receiver turned the "
+        r"stream away: video stream on the audio port \(are AVD_VIDEO_PORT and AVD_AUDIO_PORT "
+        r"swapped\?\); retrying in 65\.0 s"
+    )
+    sender.wait_for_log(r"audio stream to .*: the receiver turned the stream away: audio stream")
+    samples = handle.metrics()
+    assert metric(samples, "avd_auth_failures_total") == 0  # nothing toward a lockout
+    assert metric(samples, "avd_handshake_failures_total", reason="bad-hello") == 2
+    log = handle.daemon.log_text()
+    assert "refused cam1 from 127.0.0.1:" in log
+    assert "reason=protocol-error" in log
+    assert "token refused" not in sender.log_text()
 
 
 def test_repeated_failures_lock_an_address_out_but_not_a_good_sender(
