@@ -80,7 +80,6 @@ class Receiver:
         # session has sent its last acknowledgement (``sessions`` forgets it earlier).
         self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
         self._per_ip: Tally[str] = Tally()
-        self._admitted = 0  # connections past _limit_reached, not yet ended (the sum of _per_ip)
         self._handlers: set[asyncio.Task[None]] = set()
         # Handlers of connections not yet a registered session (TLS handshake, hello), with
         # their session once there is one: shutdown ends them at once, waiting for nothing.
@@ -244,7 +243,7 @@ class Receiver:
         s = self.settings
         # Admitted connections, not handlers: a burst accepted at once has a handler for
         # each before any of them is admitted, and would otherwise be refused whole.
-        if self._admitted >= s.max_connections:
+        if self._per_ip.total() >= s.max_connections:
             return f"AVD_MAX_CONNECTIONS={s.max_connections}"
         if self._per_ip[ip] >= s.max_connections_per_ip:
             return f"AVD_MAX_CONNECTIONS_PER_IP={s.max_connections_per_ip}"
@@ -271,7 +270,6 @@ class Receiver:
             sock.close()
             return
         self._per_ip[ip] += 1
-        self._admitted += 1
         task = asyncio.current_task()
         assert task is not None  # _spawn gives each connection a task of its own
         self._establishing[task] = None
@@ -280,7 +278,6 @@ class Receiver:
         finally:
             self._establishing.pop(task, None)
             self._per_ip[ip] -= 1
-            self._admitted -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 
