@@ -339,6 +339,8 @@ async def _say_hello(
     report: Report,
     timeout_s: float,
 ) -> bool | None:
+    """A probe hello: True welcomed, False refused (the token), None turned away (the
+    token right, the hello not: the receiver says why)."""
     fmt = settings.video_format if kind is StreamKind.VIDEO else settings.audio_format
     conn = protocol.Connection(Role.SENDER)
     writer.write(conn.send(protocol.Hello(settings.sender_id, kind, fmt, token, probe=True)))
