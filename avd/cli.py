@@ -422,13 +422,20 @@ def _token_new(args: argparse.Namespace) -> int:
     token = new_token()
     if args.tokens_file:
         try:
-            add_token(Path(args.tokens_file), sender_id, token)
+            replaced = add_token(Path(args.tokens_file), sender_id, token)
         except OSError as exc:
             print(f"avd token new: {_unwritten(exc)}", file=sys.stderr)
             return 1
+        # A sender id typed twice would otherwise revoke a working camera without a word.
+        done = (
+            f"replaced the hash of {sender_id}'s token in {args.tokens_file}: its previous "
+            "token stops working"
+            if replaced
+            else f"added the hash of {sender_id}'s token to {args.tokens_file}"
+        )
         print(
-            f"added the hash of {sender_id}'s token to {args.tokens_file}; a running receiver "
-            "reads it on reload (systemctl reload avd-receiver, or SIGHUP)",
+            f"{done}; a running receiver reads it on reload (systemctl reload avd-receiver, "
+            "or SIGHUP)",
             file=sys.stderr,
         )
     print(

@@ -137,8 +137,9 @@ def removed_or_changed(old: TokenStore, new: TokenStore) -> set[str]:
     return {sender for sender in old.sender_ids() if old.digest_of(sender) != new.digest_of(sender)}
 
 
-def add_token(path: Path, sender_id: str, token: str) -> None:
-    """Store the hash of ``token`` for ``sender_id``, replacing (revoking) any previous one.
+def add_token(path: Path, sender_id: str, token: str) -> bool:
+    """Store the hash of ``token`` for ``sender_id``, replacing (revoking) any previous one;
+    True if it replaced one.
 
     Other lines and comments are kept. The file is replaced atomically and keeps its mode and
     owner; a new file gets mode 0644: it holds only hashes, and the receiver's service user
@@ -149,9 +150,9 @@ def add_token(path: Path, sender_id: str, token: str) -> None:
         raise ValueError(f"the token for {sender_id!r} is shorter than {MIN_TOKEN_LENGTH}")
     new_line = f"{sender_id} {hash_token(token)}"
     lines = _read_tokens_file(path).splitlines() if path.exists() else []
-    _replace_tokens_file(
-        path, "".join(f"{line}\n" for line in _with_line(lines, sender_id, new_line))
-    )
+    kept = _with_line(lines, sender_id, new_line)
+    _replace_tokens_file(path, "".join(f"{line}\n" for line in kept))
+    return len(kept) <= len(lines)  # nothing appended: a line of this sender was there
 
 
 def read_sender_token(

@@ -230,10 +230,10 @@ def test_add_token_creates_the_file_with_mode_0644_and_its_directory_with_0700(
 
 def test_add_token_appends_and_reissue_replaces_the_old_line(tmp_path: Path) -> None:
     path = write(tmp_path / "tokens", "# senders\n\ncam0 " + hash_token("zero" * 10) + "\n")
-    add_token(path, "cam1", CAM1_TOKEN)
-    add_token(path, "cam2", CAM2_TOKEN)
+    assert not add_token(path, "cam1", CAM1_TOKEN)
+    assert not add_token(path, "cam2", CAM2_TOKEN)
     reissued = new_token()
-    add_token(path, "cam1", reissued)
+    assert add_token(path, "cam1", reissued)  # replaced
     lines = path.read_text().splitlines()
     assert lines[:3] == ["# senders", "", "cam0 " + hash_token("zero" * 10)]
     assert lines[3:] == [f"cam1 {hash_token(reissued)}", f"cam2 {hash_token(CAM2_TOKEN)}"]
@@ -246,7 +246,7 @@ def test_add_token_appends_and_reissue_replaces_the_old_line(tmp_path: Path) -> 
 
 def test_add_token_collapses_duplicate_lines_of_the_same_id(tmp_path: Path) -> None:
     path = write(tmp_path / "tokens", f"cam1 {hash_token('a')}\ncam1 {hash_token('b')}\n")
-    add_token(path, "cam1", CAM1_TOKEN)
+    assert add_token(path, "cam1", CAM1_TOKEN)
     assert path.read_text() == f"cam1 {hash_token(CAM1_TOKEN)}\n"
 
 
@@ -455,4 +455,10 @@ def test_token_new_adds_the_hash_and_says_how_a_running_receiver_reads_it(
     token = captured.out.strip()
     assert TokenStore.load(tokens).verify("cam9", token)
     assert "a running receiver reads it on reload (systemctl reload avd-receiver" in captured.err
+    assert captured.err.startswith(f"added the hash of cam9's token to {tokens};")
     assert token not in captured.err
+    # The same id again (a typo for a new sender, or a rotation): said, as it revokes one.
+    assert cli.main(["token", "new", "--sender-id", "cam9", "--tokens-file", str(tokens)]) == 0
+    assert capsys.readouterr().err.startswith(
+        f"replaced the hash of cam9's token in {tokens}: its previous token stops working;"
+    )
