@@ -475,9 +475,18 @@ def admin_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="sender tokens").add_subparsers(
         dest="action", required=True
     )
-    new = token.add_parser("new", help="make a token; print it; add its hash to the tokens file")
+    new = token.add_parser(
+        "new",
+        help="make a token; print it; add its hash to the tokens file",
+        description="Make a sender's token and print it on stdout, for the sender's "
+        "AVD_TOKEN_FILE (mode 0600) or its 'token' credential. With --tokens-file, its hash "
+        "goes into the receiver's tokens file, replacing the sender's previous one, which "
+        "then stops working; a running receiver reads the file on reload (SIGHUP).",
+    )
     new.add_argument("--sender-id", required=True, help="the sender this token is for")
-    new.add_argument("--tokens-file", help="the receiver's tokens file to add the hash to")
+    new.add_argument(
+        "--tokens-file", help="the receiver's tokens file (made 0644 if new: it holds hashes)"
+    )
     new.set_defaults(func=_token_new)
     for name, (_, summary) in DELEGATED.items():
         sub.add_parser(name, help=summary, add_help=False)
