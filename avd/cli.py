@@ -453,7 +453,14 @@ def admin_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="certificates").add_subparsers(
         dest="action", required=True
     )
-    init = certs.add_parser("init", help="make a CA, a receiver and a sender certificate")
+    init = certs.add_parser(
+        "init",
+        help="make a CA, a receiver and a sender certificate",
+        description="Make, in DIR: ca.crt and ca.key (the CA, 3650 days; keep ca.key "
+        "offline), receiver.crt and receiver.key (for AVD_TLS_CERT and AVD_TLS_KEY of the "
+        "receiver, naming --hosts), sender.crt and sender.key (for mutual TLS only). Keys "
+        "are 0600. All files or none are written.",
+    )
     init.add_argument("--dir", default="certs", help="output folder (default: certs)")
     init.add_argument(
         "--hosts", help="receiver names/addresses, comma-separated (default: this host)"
@@ -462,7 +469,11 @@ def admin_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(func=_certs_init)
     renew = certs.add_parser(
-        "renew", help="new receiver and sender certificates from the same CA (ca.crt unchanged)"
+        "renew",
+        help="new receiver and sender certificates from the same CA (ca.crt unchanged)",
+        description="Replace receiver.crt/.key and sender.crt/.key in DIR with new ones from "
+        "the same CA, so senders keep trusting the receiver without a change; a running "
+        "receiver serves the new certificate to new connections once restarted.",
     )
     renew.add_argument("--dir", default="certs", help="the folder of `certs init` (default: certs)")
     renew.add_argument(
