@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,20 @@ def check_audio_device(report: Report, what: str, device: str, *, input: bool, r
             pa.terminate()
 
 
+def check_spool_dir(report: Report, folder: Path) -> None:
+    """The sender runs without it (spooling in memory), so a folder it cannot write is a
+    warning: what an outage leaves unsent is lost at the next stop."""
+    existing = writable_as(folder)
+    if existing is None:
+        report.warn(
+            f"AVD_SPOOL_DIR: {folder} is not writable",
+            "fix its owner or permissions (the sender would spool in memory only)",
+        )
+        return
+    free_gb = shutil.disk_usage(existing).free / 1024**3
+    report.ok(f"AVD_SPOOL_DIR: {folder} writable, {free_gb:.1f} GB free")
+
+
 def check_sources(report: Report, settings: SenderSettings) -> None:
     """The camera and microphone (or files) the sender would open are there. A missing one
     does not stop the sender, which retries it and streams the other: hence warnings."""
@@ -188,13 +203,25 @@ def check_sources(report: Report, settings: SenderSettings) -> None:
         )
 
 
-def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
-    folder = settings.record_dir
-    assert folder is not None
+def writable_as(folder: Path) -> Path | None:
+    """The folder, or the nearest parent that exists (a daemon creates its folder itself),
+    if this user can make a file there: tried, as permission bits do not say it for root,
+    nor for a read-only file system. None if not."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not os.access(existing, os.W_OK):
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".avd-check-"):
+            return existing
+    except OSError:
+        return None
+
+
+def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
+    folder = settings.record_dir
+    assert folder is not None
+    existing = writable_as(folder)
+    if existing is None:
         report.error(f"AVD_RECORD_DIR: {folder} is not writable", "fix its owner or permissions")
         return
     free_gb = shutil.disk_usage(existing).free / 1024**3
@@ -210,6 +237,8 @@ def check_record_dir(report: Report, settings: ReceiverSettings) -> None:
 
 def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> None:
     check_sources(report, settings)  # first: whatever stops the checks below
+    if settings.spool_dir is not None:
+        check_spool_dir(report, settings.spool_dir)
     try:
         token = read_sender_token(
             token_file=settings.token_file,

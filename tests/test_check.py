@@ -215,6 +215,25 @@ def test_the_senders_camera_and_microphone_are_looked_for(
     )
 
 
+def test_the_spool_folder_is_tried(
+    pki: CertPaths, creds: Credentials, receiver: ReceiverHandle, tmp_path: Path
+) -> None:
+    # The sender spools in memory when it cannot write there: a warning, said before.
+    env = sender_env(pki, receiver, "cam1", creds.tokens["cam1"])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = run_check("sender", env | {"AVD_SPOOL_DIR": str(blocked / "spool")})
+    assert result.returncode == 2, result.stdout
+    assert (
+        f"WARNING  AVD_SPOOL_DIR: {blocked / 'spool'} is not writable -> fix its owner or "
+        "permissions (the sender would spool in memory only)"
+    ) in result.stdout
+    result = run_check("sender", env | {"AVD_SPOOL_DIR": str(tmp_path / "new" / "spool")})
+    assert f"ok       AVD_SPOOL_DIR: {tmp_path / 'new' / 'spool'} writable" in result.stdout
+    assert not (tmp_path / "new").exists()  # looked at, not made
+    assert not list(tmp_path.glob(".avd-check-*"))  # the trial file is gone
+
+
 def test_a_sender_with_nothing_to_send_is_an_error(
     pki: CertPaths, creds: Credentials, receiver: ReceiverHandle
 ) -> None:
