@@ -211,7 +211,7 @@ class ReceiverSettings(CommonSettings):
         1024, description="concurrent connections in total, both ports together (4 open files each)"
     )
     max_connections_per_ip: Annotated[int, Field(ge=1)] = Field(
-        64, description="concurrent connections from one source address"
+        64, description="concurrent connections from one source address (IPv6: one /64)"
     )
     auth_max_failures: Annotated[int, Field(ge=1, le=1000)] = Field(
         5, description="failed authentications from one address before it is locked out"

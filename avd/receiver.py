@@ -31,7 +31,7 @@ from avd.logs import CloseReason, LogEvent, connection_closed, log_event
 from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import MediaSink, StreamKind
 from avd.metrics import ReceiverMetrics
-from avd.ratelimit import AuthLockout
+from avd.ratelimit import AuthLockout, source_key
 from avd.session import Session, SessionContext
 from avd.tls import describe_tls, key_permission_problems, receiver_context
 from avd.tokens import TokenStore, removed_or_changed
@@ -79,7 +79,7 @@ class Receiver:
         # Where the recorder's done-reports go: kept past a sender's goodbye, until the
         # session has sent its last acknowledgement (``sessions`` forgets it earlier).
         self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
-        self._per_ip: Tally[str] = Tally()
+        self._per_ip: Tally[str] = Tally()  # admitted connections per source (source_key)
         self._handlers: set[asyncio.Task[None]] = set()
         # Handlers of connections not yet a registered session (TLS handshake, hello), with
         # their session once there is one: shutdown ends them at once, waiting for nothing.
@@ -238,28 +238,32 @@ class Receiver:
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
-    def _limit_reached(self, ip: str) -> str | None:
-        """The connection limit a new connection from ``ip`` would exceed, as its setting."""
+    def _limit_reached(self, source: str) -> str | None:
+        """The connection limit a new connection from ``source`` would exceed, as its
+        setting."""
         s = self.settings
         # Admitted connections, not handlers: a burst accepted at once has a handler for
         # each before any of them is admitted, and would otherwise be refused whole.
         if self._per_ip.total() >= s.max_connections:
             return f"AVD_MAX_CONNECTIONS={s.max_connections}"
-        if self._per_ip[ip] >= s.max_connections_per_ip:
+        if self._per_ip[source] >= s.max_connections_per_ip:
             return f"AVD_MAX_CONNECTIONS_PER_IP={s.max_connections_per_ip}"
         return None
 
     async def _handle(self, kind: StreamKind, sock: socket.socket, address: object) -> None:
         peer = format_peer(address)
         ip = str(address[0]) if isinstance(address, tuple) else peer
+        # Per source, as the lockout counts: an IPv6 /64 is one, or a host stepping through
+        # its 2^64 addresses would pass the per-address limit and flood the log line by line.
+        source = source_key(ip)
         if self.lockout.is_locked(ip, time.monotonic()):
             # Refused unread and unlogged: the lockout itself was logged once.
             self.metrics.locked_out_connections.inc()
             sock.close()
             return
-        if (limit := self._limit_reached(ip)) is not None:
+        if (limit := self._limit_reached(source)) is not None:
             self.metrics.handshake_failures.labels(reason="too-many-connections").inc()
-            suppressed = self._log_throttle.admit("limit", ip, time.monotonic())
+            suppressed = self._log_throttle.admit("limit", source, time.monotonic())
             if suppressed is not None:
                 log.warning(
                     "refused connection from %s: too many connections (%s)%s",
@@ -269,7 +273,7 @@ class Receiver:
                 )
             sock.close()
             return
-        self._per_ip[ip] += 1
+        self._per_ip[source] += 1
         task = asyncio.current_task()
         assert task is not None  # _spawn gives each connection a task of its own
         self._establishing[task] = None
@@ -277,9 +281,9 @@ class Receiver:
             await self._handle_admitted(kind, sock, peer, ip, task)
         finally:
             self._establishing.pop(task, None)
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
+            self._per_ip[source] -= 1
+            if self._per_ip[source] <= 0:
+                del self._per_ip[source]
 
     async def _handle_admitted(
         self, kind: StreamKind, sock: socket.socket, peer: str, ip: str, task: asyncio.Task[Any]
@@ -330,7 +334,7 @@ class Receiver:
     ) -> None:
         reason = "tls-timeout" if isinstance(exc, TimeoutError) else "tls-error"
         self.metrics.handshake_failures.labels(reason=reason).inc()
-        suppressed = self._log_throttle.admit(reason, ip, time.monotonic())
+        suppressed = self._log_throttle.admit(reason, source_key(ip), time.monotonic())
         if suppressed is None:
             return
         detail = getattr(exc, "reason", None) or type(exc).__name__

@@ -15,8 +15,10 @@ purpose. Run with ``-s`` to see the figures measured.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import logging
 import random
 import re
 import socket
@@ -34,7 +36,10 @@ import pytest
 
 from avd.certs import CertPaths
 from avd.media.base import AudioFormat, StreamKind, VideoFormat
+from avd.media.fanout import FanoutSink
+from avd.metrics import ReceiverMetrics
 from avd.protocol import HEADER, MAGIC, VERSION, Connection, Hello, MessageType, Role
+from avd.receiver import Receiver
 
 from .conftest import (
     Credentials,
@@ -42,6 +47,7 @@ from .conftest import (
     ReceiverHandle,
     metric,
     receiver_env,
+    receiver_settings,
     scrape,
     sender_env,
     start_receiver,
@@ -667,3 +673,40 @@ def test_afterwards_the_good_sender_lost_nothing(target: Target) -> None:
     )
     assert growth < RSS_GROWTH_LIMIT_KB
     assert scrape(target.handle.metrics_url)
+
+
+def test_an_ipv6_host_stepping_through_its_64_is_one_source_for_the_per_address_limit(
+    pki: CertPaths, creds: Credentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each connection from another address of one /64, as the lockout already counts them:
+    per address, a host given a /64 (the usual) passed AVD_MAX_CONNECTIONS_PER_IP at will
+    and got a log line per connection. The peers' addresses are what the kernel would report
+    for IPv6 peers; the sockets are local pairs (no such network here)."""
+
+    async def scenario() -> tuple[float, float]:
+        settings = receiver_settings(pki, creds.tokens_file, max_connections_per_ip=2)
+        metrics = ReceiverMetrics()
+        receiver = Receiver(settings, FanoutSink([]), metrics)
+        pairs = [socket.socketpair() for _ in range(5)]
+        try:
+            one_64 = [f"2001:db8:1:2::{n}" for n in range(1, 4)]  # 3 from one /64: 1 too many
+            other_64 = ["2001:db8:1:3::1", "2001:db8:1:4::1"]
+            for (ours, _), address in zip(pairs, one_64 + other_64, strict=True):
+                ours.setblocking(False)
+                receiver._spawn(StreamKind.VIDEO, ours, (address, 50000, 0, 0))
+            await asyncio.sleep(0.2)
+            refused = metrics.handshake_failures.labels(reason="too-many-connections")._value.get()
+            return refused, len(receiver._handlers)
+        finally:
+            await receiver.shutdown(deadline_s=5)
+            for _, theirs in pairs:
+                theirs.close()
+
+    with caplog.at_level(logging.WARNING, logger="avd.receiver"):
+        refused, waiting = asyncio.run(scenario())
+    assert (refused, waiting) == (1, 4)
+    lines = [r.getMessage() for r in caplog.records if "too many connections" in r.getMessage()]
+    assert lines == [
+        "refused connection from [2001:db8:1:2::3]:50000: too many connections "
+        "(AVD_MAX_CONNECTIONS_PER_IP=2)"
+    ]
