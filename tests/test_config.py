@@ -45,6 +45,19 @@ def files(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+def as_receiver(env: pytest.MonkeyPatch, files: dict[str, Path]) -> None:
+    """The receiver's required settings, naming real files."""
+    env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
+    env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
+    env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+
+
+def as_sender(env: pytest.MonkeyPatch, files: dict[str, Path], host: str = "r") -> None:
+    """The sender's required settings, naming real files."""
+    env.setenv("AVD_RECEIVER_HOST", host)
+    env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+
+
 def test_sender_defaults_match_the_original_readme(
     clean_env: pytest.MonkeyPatch, files: dict[str, Path]
 ) -> None:
@@ -63,9 +76,7 @@ def test_sender_defaults_match_the_original_readme(
 
 
 def test_receiver_defaults(clean_env: pytest.MonkeyPatch, files: dict[str, Path]) -> None:
-    clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
-    clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
-    clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+    as_receiver(clean_env, files)
     s = load_settings(ReceiverSettings)
     assert s.bind == "0.0.0.0"
     assert (s.video_port, s.audio_port) == (5000, 5001)
@@ -106,8 +117,7 @@ def test_env_file_is_read_and_the_environment_wins(
 def test_a_bad_value_names_its_variable(
     clean_env: pytest.MonkeyPatch, files: dict[str, Path], variable: str, value: str, expected: str
 ) -> None:
-    clean_env.setenv("AVD_RECEIVER_HOST", "r")
-    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    as_sender(clean_env, files)
     clean_env.setenv(variable, value)
     with pytest.raises(ConfigError) as info:
         load_settings(SenderSettings)
@@ -128,9 +138,7 @@ def test_a_bracketed_ipv6_address_is_taken_as_a_url_would_write_it(
 def test_a_bind_address_with_a_port_is_refused(
     clean_env: pytest.MonkeyPatch, files: dict[str, Path]
 ) -> None:
-    clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
-    clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
-    clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+    as_receiver(clean_env, files)
     clean_env.setenv("AVD_BIND", "0.0.0.0:5000")
     with pytest.raises(ConfigError, match=r"^AVD_BIND: a host name or address only, without a"):
         load_settings(ReceiverSettings)
@@ -144,8 +152,7 @@ def test_two_sources_of_none_are_refused_with_the_settings_as_one_line(
 ) -> None:
     # Found when the sources opened, so `avd check sender` said all was well of a sender
     # that would exit 78 at once.
-    clean_env.setenv("AVD_RECEIVER_HOST", "r")
-    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    as_sender(clean_env, files)
     clean_env.setenv("AVD_VIDEO_SOURCE", "none")
     assert load_settings(SenderSettings).audio_source == "mic"
     clean_env.setenv("AVD_AUDIO_SOURCE", "none")
@@ -172,9 +179,7 @@ def test_an_empty_optional_setting_is_unset_and_an_empty_receiver_host_is_refuse
     clean_env: pytest.MonkeyPatch, files: dict[str, Path]
 ) -> None:
     # An env file's "AVD_RECORD_DIR=" must not record into the daemon's working folder.
-    clean_env.setenv("AVD_TLS_CERT", str(files["receiver.crt"]))
-    clean_env.setenv("AVD_TLS_KEY", str(files["receiver.key"]))
-    clean_env.setenv("AVD_TOKENS_FILE", str(files["tokens"]))
+    as_receiver(clean_env, files)
     blank_receiver = ("RECORD_DIR", "TLS_CLIENT_CA", "METRICS_ADDR", "PLAYBACK_SENDER")
     for variable in (*blank_receiver, "RETENTION_DAYS", "RECORD_MAX_GB"):
         clean_env.setenv(f"AVD_{variable}", " ")
@@ -203,8 +208,7 @@ def test_an_empty_optional_setting_is_unset_and_an_empty_receiver_host_is_refuse
 def test_a_bad_token_value_is_never_echoed(
     clean_env: pytest.MonkeyPatch, files: dict[str, Path]
 ) -> None:
-    clean_env.setenv("AVD_RECEIVER_HOST", "r")
-    clean_env.setenv("AVD_TLS_CA", str(files["ca.crt"]))
+    as_sender(clean_env, files)
     clean_env.setenv("AVD_TOKEN", "s3cr3t-" * 8)
     s = load_settings(SenderSettings)
     assert "s3cr3t" not in repr(s)
