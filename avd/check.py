@@ -121,6 +121,34 @@ def check_receiver(settings: ReceiverSettings, report: Report) -> None:
         check_record_dir(report, settings)
     if settings.playback != "none":
         check_playback(report, settings.playback)
+    read_by_the_unit = [("AVD_TOKENS_FILE", settings.tokens_file)]
+    read_by_the_unit += [("AVD_TLS_CERT", settings.tls_cert)]
+    if settings.tls_client_ca is not None:
+        read_by_the_unit.append(("AVD_TLS_CLIENT_CA", settings.tls_client_ca))
+    check_readable_by_the_unit(report, "receiver", read_by_the_unit)
+
+
+# Where deploy/install.sh puts the units.
+UNITS_DIR = Path("/etc/systemd/system")
+
+
+def check_readable_by_the_unit(report: Report, role: str, files: list[tuple[str, Path]]) -> None:
+    """With the unit installed, the daemon runs as a transient user (DynamicUser=): the
+    files it reads itself (secrets come as credentials) must be readable by others, or it
+    stops at start. Checked as root (`sudo avd check`), a file of mode 0600 reads fine."""
+    if not (UNITS_DIR / f"avd-{role}.service").exists():
+        return
+    for variable, path in files:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # said by the check of the file itself
+        if not mode & 0o004:
+            report.error(
+                f"{variable}: {path} is not readable by others (mode {mode & 0o777:04o}): the "
+                f"avd-{role} unit's transient user cannot read it",
+                f"chmod 644 {path} (it holds nothing secret)",
+            )
 
 
 def check_playback(report: Report, spec: str) -> None:
@@ -264,6 +292,10 @@ def check_sender(settings: SenderSettings, report: Report, timeout_s: float) -> 
         check_certificate(report, settings.tls_cert, "AVD_TLS_CERT")
     check_key(report, settings.tls_key, "AVD_TLS_KEY")
     check_key(report, settings.token_file, "AVD_TOKEN_FILE", "token")
+    read_by_the_unit = [("AVD_TLS_CA", settings.tls_ca)]
+    if settings.tls_cert is not None:
+        read_by_the_unit.append(("AVD_TLS_CERT", settings.tls_cert))
+    check_readable_by_the_unit(report, "sender", read_by_the_unit)
     streams = [
         kind
         for kind, source in (

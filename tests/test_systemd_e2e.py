@@ -241,6 +241,19 @@ def run_avd_checks(c: Container) -> None:
     receiver = c.run(AVD, "check", "receiver", "--env-file", "/etc/avd/receiver.env",
                      env={"AVD_TLS_KEY": "/etc/avd/receiver.key"}, check=False)  # fmt: skip
     assert receiver.returncode == 0, receiver.stdout
+    # A tokens file only root can read: fine for root's check, fatal for the unit's user.
+    tokens = c.host_path("/etc/avd/tokens")
+    tokens.chmod(0o600)
+    try:
+        unreadable = c.run(AVD, "check", "receiver", "--env-file", "/etc/avd/receiver.env",
+                           env={"AVD_TLS_KEY": "/etc/avd/receiver.key"}, check=False)  # fmt: skip
+    finally:
+        tokens.chmod(0o644)
+    assert unreadable.returncode == 1, unreadable.stdout
+    assert (
+        "ERROR    AVD_TOKENS_FILE: /etc/avd/tokens is not readable by others (mode 0600): the "
+        "avd-receiver unit's transient user cannot read it -> chmod 644 /etc/avd/tokens"
+    ) in unreadable.stdout
     check = (AVD, "check", "sender", "--env-file", "/etc/avd/sender.env")
     wrong = c.run(*check, env={"AVD_TOKEN": WRONG_TOKEN}, check=False)
     assert wrong.returncode == 1, wrong.stdout
