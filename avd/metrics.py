@@ -43,7 +43,7 @@ class ReceiverMetrics:
         )
         self.handshake_failures = Counter(
             "avd_handshake_failures",
-            "Connections that failed before authentication",
+            "Connections that ended before a session opened, other than for a wrong token",
             ["reason"],
             registry=r,
         )

@@ -240,7 +240,7 @@ class Session:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._last_ack_s = -math.inf  # on the loop's clock
         self._last_peer_hb: tuple[int, int] | None = None  # (peer sent µs, our arrival µs)
-        self._claimed_id: str | None = None  # an authenticated probe's id, for the log
+        self._claimed_id: str | None = None  # an authenticated id with no stream, for the log
 
     @property
     def sender_id(self) -> str | None:
@@ -367,6 +367,7 @@ class Session:
                 "(are AVD_VIDEO_PORT and AVD_AUDIO_PORT swapped?)"
             )
         if problem is not None:
+            self._claimed_id = hello.sender_id  # proven by its token: its close line names it
             self._write(self.conn.send(protocol.Goodbye(GoodbyeReason.PROTOCOL_ERROR, problem)))
             self.ctx.metrics.handshake_failures.labels(reason="bad-hello").inc()
             stream = f"{hello.sender_id}/{hello.kind.label}"
