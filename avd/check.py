@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import ssl
@@ -37,6 +38,7 @@ from avd.config import (
     unknown_variables,
 )
 from avd.errors import AvdError, ConfigError, DeviceError
+from avd.fdlimit import FileBudget, files_needed
 from avd.media.base import StreamKind
 from avd.protocol import Role
 from avd.tls import key_permission_problems, receiver_context, sender_context
@@ -121,6 +123,7 @@ def check_receiver(settings: ReceiverSettings, report: Report) -> None:
         check_record_dir(report, settings)
     if settings.playback != "none":
         check_playback(report, settings.playback)
+    check_open_files(report, settings)
     read_by_the_unit = [("AVD_TOKENS_FILE", settings.tokens_file)]
     read_by_the_unit += [("AVD_TLS_CERT", settings.tls_cert)]
     if settings.tls_client_ca is not None:
@@ -130,6 +133,24 @@ def check_receiver(settings: ReceiverSettings, report: Report) -> None:
 
 # Where deploy/install.sh puts the units.
 UNITS_DIR = Path("/etc/systemd/system")
+
+
+def check_open_files(report: Report, settings: ReceiverSettings) -> None:
+    """Whether this shell's hard limit of open files lets the daemon reserve what
+    AVD_MAX_CONNECTIONS needs (it raises its soft limit itself, as far as the hard one
+    goes). Under the installed unit systemd sets the limits (524288 hard): not this shell's."""
+    if (UNITS_DIR / "avd-receiver.service").exists():
+        return
+    recording = settings.record_dir is not None
+    wanted = files_needed(settings.max_connections, recording=recording)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        budget = FileBudget(wanted, before=hard, soft=hard, hard=hard)
+        report.warn(
+            f"open files: {budget.shortfall(settings.max_connections, recording=recording)}",
+            "a daemon started from this shell would; its hard limit is the container's or the "
+            "login's (ulimit -Hn)",
+        )
 
 
 def check_readable_by_the_unit(report: Report, role: str, files: list[tuple[str, Path]]) -> None:

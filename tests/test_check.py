@@ -65,6 +65,30 @@ def test_a_sound_receiver_configuration_passes(
     assert result.stdout.strip().endswith("all is well")
 
 
+def test_a_hard_limit_of_open_files_too_low_for_the_connections_is_a_warning(
+    pki: CertPaths, creds: Credentials
+) -> None:
+    # As the daemon would say at start, from a shell (or container) whose hard limit is 100.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVD_")}
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)); "
+        "from avd.cli import main; sys.exit(main(['check', 'receiver']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env | receiver_env(pki, creds.tokens_file),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout
+    assert (
+        "WARNING  open files: AVD_MAX_CONNECTIONS=1024 may need 1088 open files, but this "
+        "process may open 100: taking at most 36 connections"
+    ) in result.stdout
+
+
 def test_a_readable_key_is_a_warning_with_its_remedy(
     pki: CertPaths, creds: Credentials, tmp_path: Path
 ) -> None:
