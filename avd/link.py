@@ -197,6 +197,11 @@ class Link:
         if self.conn.state is not protocol.State.OPEN:
             # The reader saw the connection end in this same turn of the loop.
             raise ConnectionResetError("the connection closed")
+        if not self.client.fits(len(frame.data)):
+            # Spooled before this receiver said its limit: skipped in this session; the
+            # spool lets it go with its age, and the floor then lets the acks pass it.
+            self.sent.add(seq)
+            return
         head, payload = self.conn.send_media(
             protocol.Media(seq, frame.capture_us, frame.data, late)
         )

@@ -124,6 +124,12 @@ class SenderMetrics:
             ["stream"],
             registry=r,
         )
+        self.frames_oversized = Counter(
+            "avd_frames_oversized",
+            "Frames larger than the receiver takes (AVD_MAX_VIDEO_FRAME_KB), never sent",
+            ["stream"],
+            registry=r,
+        )
         self.jpeg_quality = Gauge(
             "avd_jpeg_quality", "JPEG quality in use (dynamic quality)", registry=r
         )
@@ -159,6 +165,7 @@ class SenderMetrics:
                 self.frames_spooled,
                 self.frames_backfilled,
                 self.frames_lost,
+                self.frames_oversized,
                 self.reconnects,
                 self.connected,
             ):

@@ -213,8 +213,10 @@ class Sender:
                 return  # the frame rate is lowered while the link is congested
             # Numbered at capture; kept in the spool until acknowledged, so a frame the live
             # queue drops is sent later as a late frame instead of being lost.
-            seq = next(seqs)
             captured.inc()
+            if not client.fits(len(frame.data)):
+                return  # the receiver would refuse it: not spooled, never resent
+            seq = next(seqs)
             if evicted_unacked := spool.add(seq, frame):
                 lost.inc(evicted_unacked)
                 losses.note(evicted_unacked, time.monotonic())
@@ -230,20 +232,19 @@ class Sender:
             ssl_context=self.ssl_context,
             handshake_timeout_s=s.handshake_timeout_s,
         )
-        self.clients.append(
-            StreamClient(
-                kind=source.kind,
-                endpoint=endpoint,
-                sender_id=s.sender_id,
-                token=self.token,
-                media_format=source.format,
-                queue=queue,
-                spool=spool,
-                metrics=self.metrics,
-                backoff=Backoff(first_s=0.5, cap_s=s.reconnect_max_s),
-                on_link_report=dynamic.report if dynamic else None,
-            )
+        client = StreamClient(
+            kind=source.kind,
+            endpoint=endpoint,
+            sender_id=s.sender_id,
+            token=self.token,
+            media_format=source.format,
+            queue=queue,
+            spool=spool,
+            metrics=self.metrics,
+            backoff=Backoff(first_s=0.5, cap_s=s.reconnect_max_s),
+            on_link_report=dynamic.report if dynamic else None,
         )
+        self.clients.append(client)
 
     def status_line(self) -> str:
         """One line for ``systemctl status``: what streams where and how fast, or why not."""
@@ -281,7 +282,7 @@ class Sender:
                     registry.get_sample_value(f"avd_frames_{name}_total", {"stream": client.label})
                     or 0
                 )
-                for name in ("captured", "sent", "backfilled", "dropped", "lost")
+                for name in ("captured", "sent", "backfilled", "dropped", "lost", "oversized")
             }
             left, kept_in = self._left_at_exit.get(client.label, (len(client.spool), None))
             fate = ""
@@ -293,6 +294,7 @@ class Sender:
                 f"{client.label}: captured={counts['captured']} sent={counts['sent']} "
                 f"backfilled={counts['backfilled']} dropped-live={counts['dropped']} "
                 f"lost={counts['lost']} unacknowledged={left}{fate}"
+                + (f" oversized={counts['oversized']}" if counts["oversized"] else "")
             )
         return lines
 

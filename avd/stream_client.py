@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from avd.config import join_host_port
 from avd.errors import AuthError, RemoteProtocolError
 from avd.link import Link, SessionEnded, SourceEnded, tune_socket
 from avd.logs import LogEvent, log_event
+from avd.logthrottle import LogThrottle, suppressed_note
 from avd.media.base import CapturedFrame, MediaFormat, StreamKind
 from avd.metrics import SenderMetrics
 from avd.protocol import GoodbyeReason, Role
@@ -98,6 +100,11 @@ class StreamClient:
         self.connected = False
         self.acked_seq = -1
         self.rtt_us: int | None = None
+        # The receiver's largest payload, from its welcome: read by the capture thread too,
+        # which then spools no frame the receiver would refuse.
+        self.max_payload: int | None = None
+        self._oversized = metrics.frames_oversized.labels(stream=self.label)
+        self._oversized_log = LogThrottle()
         self._established = False
         self._last_problem = ""
         self._last_retry_log_us = 0
@@ -136,6 +143,24 @@ class StreamClient:
             if self._established:  # welcomed: the backoff decides if it was a good session
                 self.backoff.session_ended((monotonic_us() - started) / 1e6, failure)
             await self._wait_before_retry(stop, failure, problem)
+
+    def fits(self, size: int) -> bool:
+        """Whether a payload of ``size`` bytes is within the receiver's limit (unknown before
+        the first welcome: then it fits). One that does not is counted and logged (a line a
+        minute): the stream goes on without it, where sending it ended the session."""
+        limit = self.max_payload
+        if limit is None or size <= limit:
+            return True
+        self._oversized.inc()
+        suppressed = self._oversized_log.admit("oversized", self.label, time.monotonic())
+        if suppressed is not None:
+            log.warning(
+                "%s: a frame of %d bytes is larger than the receiver takes (%d, its "
+                "AVD_MAX_VIDEO_FRAME_KB or AVD_MAX_AUDIO_CHUNK_KB): not sent; lower "
+                "AVD_JPEG_QUALITY or the size, or raise that limit%s",
+                *(self.label, size, limit, suppressed_note(suppressed)),
+            )
+        return False
 
     def _nothing_left(self) -> bool:
         """Capture has stopped and every frame was delivered: no reason to reconnect."""
@@ -232,6 +257,7 @@ class StreamClient:
             welcome = await _unless_stopped(
                 stop, self._await_welcome(reader, conn), ep.handshake_timeout_s
             )
+            self.max_payload = welcome.max_payload
             self._set_connected(True)
             self._established = True
             self._last_problem = ""

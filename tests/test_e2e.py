@@ -427,6 +427,28 @@ def test_swapped_ports_are_named_to_the_sender_not_called_a_refused_token(
     assert "token refused" not in sender.log_text()
 
 
+def test_frames_over_the_receivers_limit_are_skipped_and_said_not_a_crash_loop(
+    launch: Launcher,
+) -> None:
+    """A receiver taking at most 16 KiB a frame, a sender's 24 KiB frames: each session
+    ended in a traceback and a reconnect, the audio stream's with nothing wrong."""
+    handle = launch.receiver(AVD_MAX_VIDEO_FRAME_KB="16")
+    sender = launch.sender(handle)
+    url = sender_metrics_url(sender)
+    wait_until(lambda: _received(handle, "cam1", "audio") > 40)  # the audio goes on
+    oversized = metric(scrape(url), "avd_frames_oversized_total", stream="video")
+    assert oversized > 10
+    assert sender.stop() == 0
+    log = sender.log_text()
+    assert "Traceback" not in log
+    assert "unexpected" not in log
+    assert len(re.findall(r"video: a frame of \d+ bytes is larger than the receiver takes "
+                          r"\(16384, its AVD_MAX_VIDEO_FRAME_KB", log)) == 1  # fmt: skip
+    assert re.search(r"video: captured=\d+ sent=0 .* oversized=\d+", log)
+    assert _received(handle, "cam1", "video") == 0
+    assert log.count("stream connected to") == 2  # one session each: no reconnect loop
+
+
 def test_repeated_failures_lock_an_address_out_but_not_a_good_sender(
     pki: CertPaths, creds: Credentials, launch: Launcher
 ) -> None:
