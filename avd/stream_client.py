@@ -105,6 +105,7 @@ class StreamClient:
         self.max_payload: int | None = None
         self._oversized = metrics.frames_oversized.labels(stream=self.label)
         self._oversized_log = LogThrottle()
+        self._bug_log = LogThrottle()
         self._established = False
         self._last_problem = ""
         self._last_retry_log_us = 0
@@ -133,8 +134,14 @@ class StreamClient:
                 problem = describe_failure(failure, exc)
             except Exception as exc:
                 # A bug of ours must not take the daemon down for months of unattended
-                # running: it is logged with its traceback and the stream starts again.
-                log.exception("%s stream: unexpected error; reconnecting", self.label)
+                # running: it is logged with its traceback and the stream starts again. The
+                # same one again within a minute is counted, not logged whole each time.
+                suppressed = self._bug_log.admit(repr(exc)[:200], self.label, time.monotonic())
+                if suppressed is not None:
+                    log.exception(
+                        "%s stream: unexpected error; reconnecting%s",
+                        *(self.label, suppressed_note(suppressed)),
+                    )
                 failure, problem = FailureKind.PROTOCOL, f"unexpected {type(exc).__name__}"
             finally:
                 self._set_connected(False)
