@@ -225,13 +225,12 @@ def check_spool_dir(report: Report, folder: Path) -> None:
 def check_sources(report: Report, settings: SenderSettings) -> None:
     """The camera and microphone (or files) the sender would open are there. A missing one
     does not stop the sender, which retries it and streams the other: hence warnings."""
-    from avd.media.specs import is_mic_spec, parse_mic_spec  # noqa: PLC0415
-    from avd.media.video import video_source_problem  # noqa: PLC0415 - loads cv2
+    from avd.media.specs import is_mic_spec, is_wav_spec, parse_mic_spec  # noqa: PLC0415
+    from avd.media.video import is_camera, video_source_problem  # noqa: PLC0415 - loads cv2
 
     video = settings.video_source
     if (problem := video_source_problem(video)) is not None:
-        camera = video.isdigit() or video.startswith("/dev/")
-        where = "avd devices lists the cameras" if camera else "fix the path"
+        where = "avd devices lists the cameras" if is_camera(video) else "fix the path"
         report.warn(
             f"AVD_VIDEO_SOURCE: {video}: {problem}",
             f"{where} (the sender starts anyway and retries it)",
@@ -245,7 +244,7 @@ def check_sources(report: Report, settings: SenderSettings) -> None:
             input=True,
             remedy="avd devices lists the microphones (the sender starts anyway and retries it)",
         )
-    elif audio.lower().endswith(".wav") and not os.access(audio, os.R_OK):
+    elif is_wav_spec(audio) and not os.access(audio, os.R_OK):
         report.warn(
             f"AVD_AUDIO_SOURCE: {audio}: no such file, or not readable",
             "fix the path (the sender starts anyway and retries it)",

@@ -79,7 +79,7 @@ class Receiver:
         # Where the recorder's done-reports go: kept past a sender's goodbye, until the
         # session has sent its last acknowledgement (``sessions`` forgets it earlier).
         self._ack_routes: dict[tuple[str, StreamKind], Session] = {}
-        self._per_ip: Tally[str] = Tally()  # admitted connections per source (source_key)
+        self._per_source: Tally[str] = Tally()  # admitted connections per source (source_key)
         self._handlers: set[asyncio.Task[None]] = set()
         # Handlers of connections not yet a registered session (TLS handshake, hello), with
         # their session once there is one: shutdown ends them at once, waiting for nothing.
@@ -244,9 +244,9 @@ class Receiver:
         s = self.settings
         # Admitted connections, not handlers: a burst accepted at once has a handler for
         # each before any of them is admitted, and would otherwise be refused whole.
-        if self._per_ip.total() >= s.max_connections:
+        if self._per_source.total() >= s.max_connections:
             return f"AVD_MAX_CONNECTIONS={s.max_connections}"
-        if self._per_ip[source] >= s.max_connections_per_ip:
+        if self._per_source[source] >= s.max_connections_per_ip:
             return f"AVD_MAX_CONNECTIONS_PER_IP={s.max_connections_per_ip}"
         return None
 
@@ -273,7 +273,7 @@ class Receiver:
                 )
             sock.close()
             return
-        self._per_ip[source] += 1
+        self._per_source[source] += 1
         task = asyncio.current_task()
         assert task is not None  # _spawn gives each connection a task of its own
         self._establishing[task] = None
@@ -281,9 +281,9 @@ class Receiver:
             await self._handle_admitted(kind, sock, peer, ip, task)
         finally:
             self._establishing.pop(task, None)
-            self._per_ip[source] -= 1
-            if self._per_ip[source] <= 0:
-                del self._per_ip[source]
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
 
     async def _handle_admitted(
         self, kind: StreamKind, sock: socket.socket, peer: str, ip: str, task: asyncio.Task[Any]

@@ -104,8 +104,7 @@ class StreamClient:
         # which then spools no frame the receiver would refuse.
         self.max_payload: int | None = None
         self._oversized = metrics.frames_oversized.labels(stream=self.label)
-        self._oversized_log = LogThrottle()
-        self._bug_log = LogThrottle()
+        self._log_throttle = LogThrottle()  # oversized frames, and bugs that repeat
         self._established = False
         self._last_problem = ""
         self._last_retry_log_us = 0
@@ -136,7 +135,7 @@ class StreamClient:
                 # A bug of ours must not take the daemon down for months of unattended
                 # running: it is logged with its traceback and the stream starts again. The
                 # same one again within a minute is counted, not logged whole each time.
-                suppressed = self._bug_log.admit(repr(exc)[:200], self.label, time.monotonic())
+                suppressed = self._log_throttle.admit(repr(exc)[:200], self.label, time.monotonic())
                 if suppressed is not None:
                     log.exception(
                         "%s stream: unexpected error; reconnecting%s",
@@ -159,13 +158,15 @@ class StreamClient:
         if limit is None or size <= limit:
             return True
         self._oversized.inc()
-        suppressed = self._oversized_log.admit("oversized", self.label, time.monotonic())
+        suppressed = self._log_throttle.admit("oversized", self.label, time.monotonic())
         if suppressed is not None:
+            video = self.kind is StreamKind.VIDEO
+            setting = "AVD_MAX_VIDEO_FRAME_KB" if video else "AVD_MAX_AUDIO_CHUNK_KB"
+            ours = "AVD_JPEG_QUALITY or the size" if video else "AVD_AUDIO_CHUNK"
             log.warning(
-                "%s: a frame of %d bytes is larger than the receiver takes (%d, its "
-                "AVD_MAX_VIDEO_FRAME_KB or AVD_MAX_AUDIO_CHUNK_KB): not sent; lower "
-                "AVD_JPEG_QUALITY or the size, or raise that limit%s",
-                *(self.label, size, limit, suppressed_note(suppressed)),
+                "%s: a frame of %d bytes is larger than the receiver takes (%d, its %s): not "
+                "sent; lower %s, or raise that limit%s",
+                *(self.label, size, limit, setting, ours, suppressed_note(suppressed)),
             )
         return False
 

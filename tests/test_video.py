@@ -27,7 +27,9 @@ from avd.media.video import (
     TestPatternScene,
     TestPatternSource,
     _FrameRateCap,
+    is_camera,
     open_video_source,
+    video_source_problem,
 )
 
 VGA = VideoFormat(width=640, height=480, fps=20, quality=70)
@@ -609,3 +611,15 @@ def test_a_video_source_leaves_opencv_one_thread() -> None:
     source = open_video_source("test", VideoFormat(64, 48, 5, 50))
     assert source is not None
     assert cv2.getNumThreads() == OPENCV_THREADS == 1
+
+
+def test_a_camera_is_told_from_a_file_or_a_stream_by_its_setting() -> None:
+    assert [is_camera(s) for s in ("0", "/dev/video2", "/srv/a.mp4", "rtsp://cam/x")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert video_source_problem("/dev/video99") == "no such device"
+    assert video_source_problem("/nonexistent/a.mp4") == "no such file"
+    assert video_source_problem("rtsp://cam/x") is None  # a stream: not looked at

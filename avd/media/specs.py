@@ -27,9 +27,13 @@ def parse_mic_spec(spec: str) -> str:
     return device.strip()
 
 
+def is_wav_spec(spec: str) -> bool:
+    return spec.lower().endswith(".wav")
+
+
 def check_audio_source(spec: str) -> str:
     """``spec`` if some audio source takes it; ValueError saying what would."""
-    if spec in ("none", "test") or spec.lower().endswith(".wav"):
+    if spec in ("none", "test") or is_wav_spec(spec):
         return spec
     if is_mic_spec(spec):
         parse_mic_spec(spec)

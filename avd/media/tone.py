@@ -23,6 +23,7 @@ import numpy as np
 from avd.errors import DeviceError
 from avd.media.base import AudioFormat, CapturedFrame, MediaFormat, MediaSource, StreamKind
 from avd.media.pacing import Pacer
+from avd.media.specs import is_wav_spec
 
 TONE_AMPLITUDE = 0.25 * 32767  # -12 dBFS: clearly audible, never clipping, never deafening
 
@@ -180,6 +181,6 @@ def open_file_audio_source(spec: str, fmt: AudioFormat, loop: bool) -> MediaSour
         return None
     if spec == "test":
         return ToneSource(fmt)
-    if spec.lower().endswith(".wav"):
+    if is_wav_spec(spec):
         return WavFileSource(Path(spec), fmt, loop)
     raise ValueError(f"audio source {spec!r} is not 'none', 'test', 'mic' or a .wav file")

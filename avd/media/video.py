@@ -471,6 +471,12 @@ def _without_credentials(url: str) -> str:
         return "<unparsable URL>"
 
 
+def is_camera(spec: str) -> bool:
+    """Whether ``spec`` names a camera (an index or a /dev node), not a file or a stream."""
+    target, live = _capture_target(spec)
+    return live and _device_node(target) is not None
+
+
 def video_source_problem(spec: str) -> str | None:
     """Why the camera or file ``spec`` names is not there for us, without opening it (a
     running sender may hold it): "no such device", "no such file", "permission denied".
